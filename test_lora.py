@@ -1,0 +1,535 @@
+"""Tests for the GPT-2 + LoRA spam classifier: offline, on tiny models and data the tests make.
+
+The references are independent of the code under test: a plain numpy forward pass of GPT-2,
+checkpoints that real TensorFlow wrote (testdata/), hand-computed parameter counts, and the
+published token ids of GPT-2's tokenizer.
+
+Usage:
+    python -m pytest -q
+"""
+
+import http.server
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gpt2
+
+HERE = Path(__file__).resolve().parent
+TESTDATA = HERE / "testdata"
+SHARED = HERE.parent / "shared" / "data"
+TINY_TF = TESTDATA / "tf-tiny-gpt2"
+
+
+def run_script(*args, stdin=None, cwd=None):
+    """Run one of the repository's scripts as a user would, in a subprocess."""
+    return subprocess.run([sys.executable, *map(str, args)], input=stdin, capture_output=True,
+                          text=True, cwd=cwd or HERE, timeout=300)
+
+
+# ----------------------------------------------------------------------------------------------
+# An independent GPT-2: numpy, float64, straight from OpenAI's checkpoint layout
+
+
+def numpy_gpt2(w, n_head, ids):
+    """Logits (T, V) of GPT-2 for one sequence; w holds OpenAI's tensor names without "model/"."""
+
+    def layer_norm(x, g, b):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * g + b
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    T = len(ids)
+    x = w["wte"][ids] + w["wpe"][:T]
+    n_layer = sum(1 for k in w if k.endswith("/ln_1/g"))
+    for i in range(n_layer):
+        p = f"h{i}/"
+        h = layer_norm(x, w[p + "ln_1/g"], w[p + "ln_1/b"])
+        qkv = h @ w[p + "attn/c_attn/w"][0] + w[p + "attn/c_attn/b"]
+        q, k, v = np.split(qkv, 3, axis=-1)
+        hd = q.shape[-1] // n_head
+        q, k, v = (a.reshape(T, n_head, hd).transpose(1, 0, 2) for a in (q, k, v))
+        scores = q @ k.transpose(0, 2, 1) / np.sqrt(hd)
+        scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+        att = np.exp(scores - scores.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = (att @ v).transpose(1, 0, 2).reshape(T, -1)
+        x = x + y @ w[p + "attn/c_proj/w"][0] + w[p + "attn/c_proj/b"]
+        h = layer_norm(x, w[p + "ln_2/g"], w[p + "ln_2/b"])
+        x = x + gelu(h @ w[p + "mlp/c_fc/w"][0] + w[p + "mlp/c_fc/b"]) @ w[p + "mlp/c_proj/w"][0] + w[p + "mlp/c_proj/b"]
+    x = layer_norm(x, w["ln_f/g"], w["ln_f/b"])
+    return x @ w["wte"].T
+
+
+def tf_fixture_values():
+    with np.load(TINY_TF / "values.npz", allow_pickle=False) as z:
+        return {k.removeprefix("model/"): z[k] for k in z.files}  # stored with TF's "model/" scope
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny BPE files, made the way OpenAI's are, so tokenizer and CLI tests need no download
+
+
+def gpt2_byte_alphabet():
+    """GPT-2's byte -> character table (an independent rewrite of OpenAI's bytes_to_unicode)."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = keep + [256 + n for n in range(256 - len(keep))]
+    order = keep + [b for b in range(256) if b not in keep]  # ids follow this order
+    return {b: chr(c) for b, c in zip(order, chars)}, order
+
+
+TINY_MERGES = ["h e", "l l", "he ll", "Ġ w", "o r"]
+
+
+def write_tiny_bpe(folder, names=("encoder.json", "vocab.bpe")):
+    alphabet, order = gpt2_byte_alphabet()
+    encoder = {alphabet[b]: i for i, b in enumerate(order)}
+    for line in TINY_MERGES:
+        encoder[line.replace(" ", "")] = len(encoder)
+    encoder["<|endoftext|>"] = len(encoder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / names[0]).write_text(json.dumps(encoder))
+    (folder / names[1]).write_text("#version: 0.2\n" + "\n".join(TINY_MERGES) + "\n")
+    return encoder
+
+
+TINY_VOCAB = 256 + len(TINY_MERGES) + 1
+
+
+def random_tensors(cfg, seed=0, scale=0.2):
+    rng = np.random.default_rng(seed)
+    return {name: (rng.standard_normal(shape) * scale).astype(np.float32)
+            for name, shape in gpt2.checkpoint_shapes(cfg).items()}
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=TINY_VOCAB, context_length=32, emb_dim=16, n_heads=2, n_layers=2)
+    base.update(kw)
+    return gpt2.GPTConfig(**base)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A complete tiny model folder in OpenAI's layout: weights, hparams and BPE files."""
+    folder = tmp_path / "tiny-gpt2"
+    gpt2.write_model_folder(folder, tiny_cfg(), random_tensors(tiny_cfg()))
+    write_tiny_bpe(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2.py: the model
+
+
+def hand_count(cfg):
+    """GPT-2's parameters: embeddings + per block (4 C^2 attention + 8 C^2 MLP + 13 C biases/norms)
+    + the final norm; the output head is the token embedding, so it adds nothing."""
+    C = cfg.emb_dim
+    return cfg.vocab_size * C + cfg.context_length * C + cfg.n_layers * (12 * C * C + 13 * C) + 2 * C
+
+
+@pytest.mark.parametrize("size, expected", [("124M", 124_439_808), ("355M", 354_823_168),
+                                            ("774M", 774_030_080), ("1558M", 1_557_611_200)])
+def test_four_sizes_build_on_meta_with_published_parameter_counts(size, expected):
+    with torch.device("meta"):
+        model = gpt2.GPTModel(gpt2.GPT2_SIZES[size])
+    assert hand_count(gpt2.GPT2_SIZES[size]) == expected
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_output_head_is_the_token_embedding():
+    model = gpt2.GPTModel(tiny_cfg())
+    assert model.out_head.weight is model.tok_emb.weight
+    assert model.out_head.bias is None
+
+
+def test_module_tree_uses_the_course_names():
+    with torch.device("meta"):
+        text = str(gpt2.GPTModel(gpt2.GPT2_SIZES["124M"]))
+    for line in ["(tok_emb): Embedding(50257, 768)", "(pos_emb): Embedding(1024, 768)", "(drop_emb): Dropout",
+                 "(trf_blocks): Sequential(", "(att): MultiHeadAttention(",
+                 "(W_query): Linear(in_features=768, out_features=768, bias=True)", "(W_key): Linear(",
+                 "(W_value): Linear(", "(out_proj): Linear(", "(ff): FeedForward(", "(layers): Sequential(",
+                 "(norm1): LayerNorm((768,), eps=1e-05", "(norm2): LayerNorm(", "(drop_shortcut): Dropout",
+                 "(final_norm): LayerNorm(", "(out_head): Linear(in_features=768, out_features=50257, bias=False)",
+                 "GELU(approximate='tanh')"]:
+        assert line in text, line
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = gpt2.GPTModel(tiny_cfg(context_length=8))
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_unknown_size_lists_valid_names():
+    with pytest.raises(ValueError, match="124M.*gpt2-xl"):
+        gpt2.resolve_size("125M")
+    assert gpt2.resolve_size("gpt2-medium") == "355M"
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2.py: reading checkpoints
+
+
+def test_reader_returns_exactly_what_tensorflow_wrote():
+    got = gpt2.read_tf_checkpoint(TINY_TF)
+    want = {f"model/{k}": v for k, v in tf_fixture_values().items()}
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == np.float32 and got[name].shape == want[name].shape, name
+        assert np.array_equal(got[name], want[name]), name
+    assert got["model/h0/attn/c_attn/w"].shape == (1, 16, 48)
+
+
+def test_reader_handles_tensorflow_dtypes_scalars_and_empty_tensors():
+    got = gpt2.read_tf_checkpoint(TESTDATA / "tf-dtypes" / "model.ckpt")
+    assert np.array_equal(got["a/float64"], np.arange(6, dtype=np.float64).reshape(2, 3) / 7)
+    assert np.array_equal(got["a/float16"], np.linspace(-2, 2, 5).astype(np.float16))
+    assert got["b/int32"].tolist() == [[1, -2], [3, 2**31 - 1]]
+    assert got["b/int64"].tolist() == [-(2**40), 5]
+    assert got["c/bool"].tolist() == [True, False, True]
+    assert got["c/scalar"].shape == () and float(got["c/scalar"]) == 3.5
+    assert got["c/empty"].shape == (0, 4)
+
+
+def test_writer_and_reader_round_trip_over_many_blocks(tmp_path):
+    rng = np.random.default_rng(1)
+    # long shared prefixes and a tiny block size exercise prefix compression and the index block
+    tensors = {f"model/h{i}/attn/c_attn/{'w' if i % 2 else 'b'}": rng.standard_normal((i % 4 + 1, 3)).astype(np.float32)
+               for i in range(40)}
+    tensors["model/zz/int"] = np.arange(5, dtype=np.int64)
+    gpt2.write_tf_checkpoint(tensors, tmp_path / "model.ckpt", block_size=64)
+    index = (tmp_path / "model.ckpt.index").read_bytes()
+    assert index[-8:] == bytes.fromhex("57fb808b247547db")
+    got = gpt2.read_tf_checkpoint(tmp_path / "model.ckpt.index")
+    assert sorted(got) == sorted(tensors)
+    assert all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in tensors.items())
+
+
+def test_crc32c_matches_the_published_check_value():
+    # CRC-32C check value from the Castagnoli CRC catalogue, and RFC 3720's 32 zero bytes
+    assert gpt2.crc32c(b"123456789") == 0xE3069283
+    assert gpt2.crc32c(bytes(32)) == 0x8A9136AA
+
+
+def copy_tiny_tf(tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(TINY_TF, folder)
+    return folder
+
+
+def test_truncated_data_file_is_a_clear_error(tmp_path):
+    folder = copy_tiny_tf(tmp_path)
+    data = folder / "model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(gpt2.CheckpointError, match=r"data-00000-of-00001.*truncated"):
+        gpt2.load_gpt2(folder)
+
+
+def test_wrong_magic_is_a_clear_error(tmp_path):
+    folder = copy_tiny_tf(tmp_path)
+    index = folder / "model.ckpt.index"
+    index.write_bytes(index.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(gpt2.CheckpointError, match=r"model\.ckpt\.index: wrong magic"):
+        gpt2.read_tf_checkpoint(folder)
+
+
+def test_corrupt_index_block_fails_its_checksum(tmp_path):
+    folder = copy_tiny_tf(tmp_path)
+    index = folder / "model.ckpt.index"
+    raw = bytearray(index.read_bytes())
+    raw[20] ^= 0xFF  # a byte inside the first data block
+    index.write_bytes(bytes(raw))
+    with pytest.raises(gpt2.CheckpointError, match="checksum mismatch"):
+        gpt2.read_tf_checkpoint(folder)
+
+
+def test_truncated_index_is_a_clear_error(tmp_path):
+    folder = copy_tiny_tf(tmp_path)
+    index = folder / "model.ckpt.index"
+    index.write_bytes(index.read_bytes()[:30])
+    with pytest.raises(gpt2.CheckpointError, match="too short"):
+        gpt2.read_tf_checkpoint(folder)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    tensors = random_tensors(tiny_cfg())
+    del tensors["h1/mlp/c_fc/b"]
+    gpt2.write_model_folder(tmp_path, tiny_cfg(), tensors)
+    with pytest.raises(gpt2.CheckpointError, match=r"missing h1/mlp/c_fc/b"):
+        gpt2.load_gpt2(tmp_path)
+
+
+def test_hparams_that_disagree_with_the_tensors_are_refused(tmp_path):
+    folder = copy_tiny_tf(tmp_path)
+    hp = json.loads((folder / "hparams.json").read_text())
+    (folder / "hparams.json").write_text(json.dumps({**hp, "n_embd": 32}))
+    with pytest.raises(gpt2.CheckpointError, match=r"does not fit.*n_embd=32"):
+        gpt2.load_gpt2(folder)
+    (folder / "hparams.json").write_text(json.dumps({**hp, "n_layer": 3}))
+    with pytest.raises(gpt2.CheckpointError, match=r"missing h2/"):
+        gpt2.load_gpt2(folder)
+
+
+def test_folder_without_weights_names_the_files(tmp_path):
+    (tmp_path / "hparams.json").write_text(json.dumps({"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}))
+    with pytest.raises(gpt2.CheckpointError, match="model.ckpt.index.*model.safetensors"):
+        gpt2.load_gpt2(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2.py: the loaded model against the numpy reference
+
+
+def test_tensorflow_checkpoint_logits_equal_numpy_forward():
+    model = gpt2.load_gpt2(TINY_TF)
+    assert not model.training
+    ids = [3, 17, 5, 63, 0, 42, 8]
+    with torch.no_grad():
+        got = model(torch.tensor([ids]))[0].numpy()
+    want = numpy_gpt2(tf_fixture_values(), n_head=2, ids=ids)
+    assert got.shape == (7, 64)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def to_hf_layout(w):
+    """OpenAI names -> Hugging Face GPT-2 names, written out by hand as an independent reference."""
+    out = {"wte.weight": w["wte"], "wpe.weight": w["wpe"], "ln_f.weight": w["ln_f/g"], "ln_f.bias": w["ln_f/b"]}
+    n_layer = sum(1 for k in w if k.endswith("/ln_1/g"))
+    for i in range(n_layer):
+        for tf_name, hf_name in [("ln_1/g", "ln_1.weight"), ("ln_1/b", "ln_1.bias"), ("ln_2/g", "ln_2.weight"),
+                                 ("ln_2/b", "ln_2.bias"), ("attn/c_attn/w", "attn.c_attn.weight"),
+                                 ("attn/c_attn/b", "attn.c_attn.bias"), ("attn/c_proj/w", "attn.c_proj.weight"),
+                                 ("attn/c_proj/b", "attn.c_proj.bias"), ("mlp/c_fc/w", "mlp.c_fc.weight"),
+                                 ("mlp/c_fc/b", "mlp.c_fc.bias"), ("mlp/c_proj/w", "mlp.c_proj.weight"),
+                                 ("mlp/c_proj/b", "mlp.c_proj.bias")]:
+            a = w[f"h{i}/{tf_name}"]
+            out[f"h.{i}.{hf_name}"] = a[0] if a.ndim == 3 else a  # HF's Conv1D weight is (in, out)
+        n_ctx = w["wpe"].shape[0]
+        out[f"h.{i}.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), np.float32))[None, None]  # a buffer
+    return out
+
+
+def test_hf_safetensors_gives_the_same_logits(tmp_path):
+    gpt2.write_safetensors(to_hf_layout(tf_fixture_values()), tmp_path / "model.safetensors")
+    shutil.copy(TINY_TF / "hparams.json", tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        np.testing.assert_allclose(gpt2.load_gpt2(tmp_path)(ids).numpy(), gpt2.load_gpt2(TINY_TF)(ids).numpy(),
+                                   atol=0, rtol=0)
+
+
+def test_hf_folder_written_by_write_model_folder_loads_with_config_json(tmp_path):
+    cfg = tiny_cfg()
+    tensors = random_tensors(cfg, seed=5)
+    gpt2.write_model_folder(tmp_path / "hf", cfg, tensors, fmt="hf")
+    assert not (tmp_path / "hf" / "hparams.json").exists()
+    ids = [5, 9, 200, 1]
+    with torch.no_grad():
+        got = gpt2.load_gpt2(tmp_path / "hf")(torch.tensor([ids]))[0].numpy()
+    np.testing.assert_allclose(got, numpy_gpt2(tensors, cfg.n_heads, ids), atol=1e-5, rtol=0)
+
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path):
+    gpt2.write_safetensors(to_hf_layout(tf_fixture_values()), tmp_path / "model.safetensors")
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[:-10])
+    with pytest.raises(gpt2.CheckpointError, match="runs past the end"):
+        gpt2.read_safetensors(tmp_path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2.py: tokenizer
+
+
+def test_tiny_bpe_merges_and_round_trips(tmp_path):
+    encoder = write_tiny_bpe(tmp_path)
+    tok = gpt2.load_tokenizer(tmp_path)
+    assert tok.encode_ordinary("hell") == [encoder["hell"]]
+    assert tok.encode_ordinary(" world")[0] == encoder["Ġw"]
+    assert tok.eot_token == encoder["<|endoftext|>"] == TINY_VOCAB - 1
+    for text in ["hello world", "Ünïcödé £5 — 'quoted' \x92 tabs\tand\nnewlines", "  spaces  "]:
+        assert tok.decode(tok.encode_ordinary(text)) == text
+
+
+def test_hf_tokenizer_file_names_are_accepted(tmp_path):
+    encoder = write_tiny_bpe(tmp_path, names=("vocab.json", "merges.txt"))
+    assert gpt2.load_tokenizer(tmp_path).encode_ordinary("he") == [encoder["he"]]
+
+
+def test_merges_that_disagree_with_the_vocabulary_are_refused(tmp_path):
+    write_tiny_bpe(tmp_path)
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\nl l\nh e\n")
+    with pytest.raises(gpt2.CheckpointError, match="merge 1"):
+        gpt2.load_tokenizer(tmp_path)
+
+
+@pytest.mark.skipif(not (SHARED / "gpt2-bpe" / "encoder.json").exists(), reason="../shared/data/gpt2-bpe absent")
+def test_real_gpt2_bpe_gives_openai_token_ids():
+    tok = gpt2.load_tokenizer(SHARED / "gpt2-bpe")
+    assert tok.encode_ordinary("hello world") == [31373, 995]
+    assert tok.encode_ordinary("Hello, world!") == [15496, 11, 995, 0]
+    assert tok.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert tok.n_vocab == 50257
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2.py: downloads, against a local HTTP server on the loopback address
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves self.server.files; honours "Range: bytes=N-"; can cut a response short once."""
+
+    def do_GET(self):
+        body = self.server.files.get(self.path)
+        self.server.requests.append((self.path, self.headers.get("Range")))
+        if body is None:
+            self.send_error(404)
+            return
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if self.server.cut_once.pop(self.path, False):
+            self.wfile.write(body[start:start + (len(body) - start) // 2])  # then hang up
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    server.files, server.requests, server.cut_once = {}, [], {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def url_of(server, path):
+    return f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+
+def test_download_resumes_a_partial_file_with_a_range_request(http_server, tmp_path):
+    body = os.urandom(300_000)
+    http_server.files["/f.bin"] = body
+    (tmp_path / "f.bin.part").write_bytes(body[:100_000])
+    gpt2.download_file(url_of(http_server, "/f.bin"), tmp_path / "f.bin", progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == body
+    assert http_server.requests == [("/f.bin", "bytes=100000-")]
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_download_retries_a_cut_connection_and_resumes(http_server, tmp_path):
+    body = os.urandom(3_000_000)  # cut after 1.5 MB, so at least one 1 MiB chunk was saved
+    http_server.files["/f.bin"] = body
+    http_server.cut_once["/f.bin"] = True
+    gpt2.download_file(url_of(http_server, "/f.bin"), tmp_path / "f.bin", backoff=0, progress=False)
+    assert (tmp_path / "f.bin").read_bytes() == body
+    (first, first_range), (_, second_range) = http_server.requests
+    assert first_range is None and int(second_range.removeprefix("bytes=").rstrip("-")) >= 1 << 20
+
+
+def test_download_never_leaves_an_incomplete_file_under_its_name(http_server, tmp_path):
+    http_server.files["/f.bin"] = os.urandom(50_000)
+    http_server.cut_once["/f.bin"] = True
+    with pytest.raises(gpt2.DownloadError):
+        gpt2.download_file(url_of(http_server, "/f.bin"), tmp_path / "f.bin", retries=1, progress=False)
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_download_gpt2_fetches_the_seven_files_once(http_server, tmp_path, monkeypatch):
+    for name in gpt2.OPENAI_FILES:
+        http_server.files[f"/gpt-2/models/124M/{name}"] = name.encode() * 10
+    monkeypatch.setattr(gpt2, "OPENAI_URL", url_of(http_server, "/gpt-2/models/{size}/{file}"))
+    folder = gpt2.download_gpt2("gpt2-small", cache_dir=tmp_path)
+    assert folder == tmp_path / "gpt2" / "124M"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(gpt2.OPENAI_FILES)
+    assert (folder / "hparams.json").read_bytes() == b"hparams.json" * 10
+    count = len(http_server.requests)
+    gpt2.download_gpt2("124M", cache_dir=tmp_path)
+    assert len(http_server.requests) == count == 7
+
+
+def test_download_without_network_says_how_to_use_model_dir(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port on which nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(gpt2, "OPENAI_URL", f"http://127.0.0.1:{port}/{{size}}/{{file}}")
+    monkeypatch.setattr(gpt2.time, "sleep", lambda s: None)
+    with pytest.raises(gpt2.DownloadError, match="--model-dir"):
+        gpt2.download_gpt2("124M", cache_dir=tmp_path)
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(gpt2.CACHE_ENV, str(tmp_path / "c"))
+    assert gpt2.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(gpt2.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert gpt2.default_cache_dir() == tmp_path / "xdg" / "gpt2-lora"
+
+
+# ----------------------------------------------------------------------------------------------
+# gpt2.py: the command line
+
+
+def test_gpt2_cli_greedy_continuation_matches_argmax(tiny_model_dir):
+    result = run_script("gpt2.py", "--model-dir", tiny_model_dir, "--max-new-tokens", "4", "hello")
+    assert result.returncode == 0, result.stderr
+    tok = gpt2.load_tokenizer(tiny_model_dir)
+    model = gpt2.load_gpt2(tiny_model_dir)
+    ids = tok.encode_ordinary("hello")
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert result.stdout.rstrip("\n") == tok.decode(ids)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "2B", "hi"], "unknown GPT-2 size '2B'"),
+    (["--model-dir", "/nonexistent/folder", "hi"], "does not exist"),
+    (["--max-new-tokens", "0", "hi"], "--max-new-tokens"),
+    (["   "], "prompt is empty"),
+])
+def test_gpt2_cli_bad_input_is_one_line_and_exit_2(args, message):
+    result = run_script("gpt2.py", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_gpt2_cli_missing_tokenizer_file_is_named(tiny_model_dir):
+    (tiny_model_dir / "vocab.bpe").unlink()
+    result = run_script("gpt2.py", "--model-dir", tiny_model_dir, "hi")
+    assert result.returncode == 2 and "vocab.bpe" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gpt2_cli_keeps_the_last_context_tokens_of_a_long_prompt(tiny_model_dir):
+    result = run_script("gpt2.py", "--model-dir", tiny_model_dir, "--max-new-tokens", "1", "x" * 100)
+    assert result.returncode == 0, result.stderr
+    assert "keeping the last 32" in result.stderr
