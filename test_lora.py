@@ -533,3 +533,264 @@ def test_gpt2_cli_keeps_the_last_context_tokens_of_a_long_prompt(tiny_model_dir)
     result = run_script("gpt2.py", "--model-dir", tiny_model_dir, "--max-new-tokens", "1", "x" * 100)
     assert result.returncode == 0, result.stderr
     assert "keeping the last 32" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# lora.py
+
+import lora  # noqa: E402  (kept beside its tests)
+
+
+def tiny_classifier(rank=4, alpha=8, targets=None, n_classes=2, seed=0, cfg=None, lora_seed=None):
+    """A tiny GPT-2 with LoRA injected, frozen, and a fresh classification head, as train.py builds it.
+    seed fixes the "pretrained" weights, lora_seed (default: seed) the adapter's and head's init."""
+    torch.manual_seed(seed)
+    model = gpt2.GPTModel(cfg or tiny_cfg())
+    torch.manual_seed(seed if lora_seed is None else lora_seed)
+    lora.replace_linear_with_lora(model, rank=rank, alpha=alpha, targets=targets)
+    lora.freeze_and_activate_lora(model)
+    model.out_head = torch.nn.Linear(model.cfg.emb_dim, n_classes)
+    return model
+
+
+def train_steps(model, steps=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(0, model.cfg.vocab_size, (4, 10), generator=gen)
+        labels = torch.randint(0, model.out_head.out_features, (4,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(ids)[:, -1, :], labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_lora_layer_shapes_init_and_scaling():
+    layer = lora.LoRALayer(12, 20, rank=3, alpha=6)
+    assert layer.A.shape == (12, 3) and layer.B.shape == (3, 20)
+    assert layer.rank == 3 and layer.alpha == 6 and layer.scaling == 2.0
+    assert torch.count_nonzero(layer.B) == 0 and torch.count_nonzero(layer.A) == 36
+    assert layer.A.abs().max() <= 1 / math.sqrt(3)  # kaiming_uniform(a=sqrt(5)) bound on fan_in = rank
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(2, 5, 12)
+    torch.testing.assert_close(layer(x), 2.0 * x @ layer.A @ layer.B)
+
+
+def test_lora_model_equals_base_model_at_init():
+    torch.manual_seed(0)
+    base = gpt2.GPTModel(tiny_cfg()).eval()
+    ids = torch.randint(0, TINY_VOCAB, (2, 9))
+    with torch.no_grad():
+        before = base(ids)
+        lora.replace_linear_with_lora(base, rank=4, alpha=16)
+        after = base(ids)
+    assert torch.equal(before, after)
+
+
+def test_one_step_moves_only_the_adapter_and_head():
+    model = tiny_classifier()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora." in n or n.startswith("out_head.") for n in trained)
+    assert len([n for n in trained if ".lora." in n]) == 2 * 6 * tiny_cfg().n_layers
+    train_steps(model, steps=1)
+    params = dict(model.named_parameters())
+    for name, before in trained.items():
+        assert not torch.equal(params[name], before), f"{name} did not change"
+    for name, before in frozen.items():
+        assert torch.equal(params[name], before), f"frozen {name} changed"
+        assert params[name].grad is None, f"frozen {name} has a gradient"
+
+
+def lora_count(cfg, rank, targets="all"):
+    """Hand count: each adapted (in, out) Linear adds rank * (in + out)."""
+    C = cfg.emb_dim
+    per_block = {"W_query": 2 * C, "W_key": 2 * C, "W_value": 2 * C, "out_proj": 2 * C,
+                 "ff.layers.0": 5 * C, "ff.layers.2": 5 * C}
+    names = per_block if targets == "all" else targets
+    return cfg.n_layers * rank * sum(per_block[n] for n in names)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16])
+def test_parameter_counts_of_124m_with_lora_on_every_linear(rank, capsys):
+    cfg = gpt2.GPT2_SIZES["124M"]
+    with torch.device("meta"):
+        model = gpt2.GPTModel(cfg)
+        assert lora.replace_linear_with_lora(model, rank=rank, alpha=16) == 72
+        lora.freeze_and_activate_lora(model)
+    assert lora_count(cfg, rank) == 165_888 * rank
+    assert lora.count_parameters(model) == (165_888 * rank, 124_439_808 + 165_888 * rank)
+    if rank == 16:
+        lora.print_trainable_parameters(model)
+        assert capsys.readouterr().out == "trainable params: 2,654,208 || all params: 127,094,016 || trainable%: 2.09%\n"
+        with torch.device("meta"):
+            model.out_head = torch.nn.Linear(768, 2)
+        assert lora.count_parameters(model) == (2_655_746, 127_095_554)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16])
+def test_parameter_counts_of_124m_with_query_and_value_only(rank):
+    cfg = gpt2.GPT2_SIZES["124M"]
+    with torch.device("meta"):
+        model = gpt2.GPTModel(cfg)
+        assert lora.replace_linear_with_lora(model, rank=rank, alpha=16, targets=["W_query", "W_value"]) == 24
+        lora.freeze_and_activate_lora(model)
+    assert lora_count(cfg, rank, ["W_query", "W_value"]) == 36_864 * rank
+    assert lora.count_parameters(model)[0] == 36_864 * rank
+
+
+def test_target_groups_pick_their_layers():
+    for targets, expected in [("attn", 4), ("mlp", 2), ("W_query,W_value", 2), (["all"], 6), (["mlp", "W_key"], 3)]:
+        model = gpt2.GPTModel(tiny_cfg())
+        assert lora.replace_linear_with_lora(model, 2, 2, targets=targets) == expected * tiny_cfg().n_layers
+    model = gpt2.GPTModel(tiny_cfg())
+    lora.replace_linear_with_lora(model, 2, 2, targets="mlp")
+    assert isinstance(model.trf_blocks[0].ff.layers[0], lora.LinearWithLoRA)
+    assert isinstance(model.trf_blocks[0].att.W_query, torch.nn.Linear)
+    assert isinstance(model.out_head, torch.nn.Linear)
+
+
+def test_print_shows_lora_wrapped_layers():
+    with torch.device("meta"):
+        model = gpt2.GPTModel(gpt2.GPT2_SIZES["124M"])
+        lora.replace_linear_with_lora(model, rank=16, alpha=16)
+    text = str(model)
+    assert ("        (W_query): LinearWithLoRA(\n"
+            "          (linear): Linear(in_features=768, out_features=768, bias=True)\n"
+            "          (lora): LoRALayer(rank=16, alpha=16)\n"
+            "        )\n") in text
+    assert "(out_head): Linear(in_features=768, out_features=50257, bias=False)" in text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=0, alpha=1), "rank must be an integer >= 1"),
+    (dict(rank=2.5, alpha=1), "rank must be an integer"),
+    (dict(rank=True, alpha=1), "rank must be an integer"),
+    (dict(rank=4, alpha=0), "alpha must be a number > 0"),
+    (dict(rank=4, alpha=-1.0), "alpha must be a number > 0"),
+    (dict(rank=4, alpha=4, dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(rank=4, alpha=4, dropout=-0.1), r"dropout must be in \[0, 1\)"),
+    (dict(rank=4, alpha=4, targets=["W_qery"]), "W_qery matches no"),
+    (dict(rank=4, alpha=4, targets=""), "targets are empty"),
+])
+def test_bad_lora_settings_are_value_errors(kwargs, message):
+    model = gpt2.GPTModel(tiny_cfg())
+    with pytest.raises(ValueError, match=message):
+        lora.replace_linear_with_lora(model, **kwargs)
+
+
+def test_injecting_twice_matches_nothing_new():
+    model = gpt2.GPTModel(tiny_cfg())
+    lora.replace_linear_with_lora(model, 2, 2, targets="attn")
+    with pytest.raises(ValueError, match="matches no unadapted"):
+        lora.replace_linear_with_lora(model, 2, 2, targets="W_query")
+
+
+def test_merged_model_matches_unmerged_after_training():
+    model = train_steps(tiny_classifier(), steps=3)
+    assert any(torch.count_nonzero(m.B) for m in lora.lora_layers(model).values())
+    ids = torch.randint(0, TINY_VOCAB, (3, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = model(ids)
+        assert lora.merge_lora(model) == 6 * tiny_cfg().n_layers
+        after = model(ids)
+    assert not lora.lora_layers(model) and type(model.trf_blocks[0].att.W_query) is torch.nn.Linear
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+
+
+def test_merge_of_a_bf16_model_is_formed_in_float32():
+    linear = torch.nn.Linear(8, 6).to(torch.bfloat16)
+    wrapped = lora.LinearWithLoRA(linear, rank=2, alpha=3)
+    with torch.no_grad():
+        wrapped.lora.B.normal_()
+    w0 = linear.weight.detach().clone()
+    expected = (w0.float() + 1.5 * (wrapped.lora.A @ wrapped.lora.B).T).to(torch.bfloat16)
+    holder = torch.nn.Sequential(wrapped)
+    lora.merge_lora(holder)
+    assert holder[0].weight.dtype == torch.bfloat16 and torch.equal(holder[0].weight, expected)
+
+
+def test_save_then_load_reproduces_outputs_exactly(tmp_path):
+    model = train_steps(tiny_classifier(seed=0))
+    lora.save_adapter(model, tmp_path / "a.pt", {"model": "tiny", "labels": ["ham", "spam"]})
+    fresh = tiny_classifier(seed=0, lora_seed=123).eval()  # same base, other random A and head
+    ids = torch.randint(0, TINY_VOCAB, (2, 8))
+    with torch.no_grad():
+        assert not torch.equal(fresh(ids), model(ids))
+        meta = lora.load_adapter(fresh, tmp_path / "a.pt")
+        assert torch.equal(fresh(ids), model(ids))
+    assert meta["labels"] == ["ham", "spam"] and meta["rank"] == 4 and meta["alpha"] == 8
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_adapter_file_holds_only_lora_and_head(tmp_path):
+    model = tiny_classifier()
+    lora.save_adapter(model, tmp_path / "a.pt")
+    _, tensors = lora.read_adapter(tmp_path / "a.pt")
+    assert all(".lora." in n or n.startswith("out_head.") for n in tensors)
+    assert sum(t.numel() for t in tensors.values()) == lora.count_parameters(model)[0]
+
+
+def test_rank16_adapter_of_124m_is_about_10_6_mb(tmp_path):
+    with torch.device("meta"):
+        model = gpt2.GPTModel(gpt2.GPT2_SIZES["124M"])
+    model = model.to_empty(device="cpu")  # values are irrelevant here, only sizes
+    lora.replace_linear_with_lora(model, rank=16, alpha=16)
+    model.out_head = torch.nn.Linear(768, 2)
+    lora.save_adapter(model, tmp_path / "a.pt")
+    size = (tmp_path / "a.pt").stat().st_size
+    assert 2_655_746 * 4 <= size < 2_655_746 * 4 + 200_000  # 10.62 MB of float32 plus a small index
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rank=8), "LoRA rank 4, but the model has rank 8"),
+    (dict(alpha=16), "LoRA alpha 8, but the model has alpha 16"),
+    (dict(targets="attn"), "other LoRA targets"),
+    (dict(n_classes=3), "classification head of another size"),
+    (dict(cfg=tiny_cfg(emb_dim=24)), "another model size"),
+])
+def test_loading_an_adapter_into_another_layout_fails_clearly(tmp_path, change, message):
+    model = tiny_classifier()
+    lora.save_adapter(model, tmp_path / "a.pt")
+    other = tiny_classifier(**{"rank": 4, "alpha": 8, **change})
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        lora.load_adapter(other, tmp_path / "a.pt")
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())  # nothing half-loaded
+
+
+def test_truncated_or_foreign_adapter_files_are_refused(tmp_path):
+    model = tiny_classifier()
+    lora.save_adapter(model, tmp_path / "a.pt")
+    raw = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    torch.save({"some": torch.zeros(2)}, tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    for name, message in [("cut.pt", "not a readable adapter"), ("other.pt", "not a LoRA adapter"),
+                          ("text.pt", "not a readable adapter")]:
+        with pytest.raises(ValueError, match=message):
+            lora.load_adapter(model, tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        lora.load_adapter(model, tmp_path / "absent.pt")
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): what a malicious "model file" would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running(tmp_path):
+    victim = tmp_path / "pwned.txt"
+    torch.save({"format": lora.ADAPTER_FORMAT, "payload": _CreatesAFile(victim)}, tmp_path / "evil.pt")
+    assert not victim.exists()
+    with pytest.raises(ValueError, match="not a readable adapter"):
+        lora.load_adapter(tiny_classifier(), tmp_path / "evil.pt")
+    assert not victim.exists()
