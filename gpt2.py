@@ -911,18 +911,19 @@ def download_file(url: str, dest, retries=3, timeout=(10, 60), backoff=2.0, prog
     raise DownloadError(f"could not download {url} after {retries} tries ({error})")
 
 
-def download_gpt2(size="124M", cache_dir=None, source="openai") -> Path:
+def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> Path:
     """Fetch one GPT-2 size into the cache (once) and return its folder.
 
     source "openai": OpenAI's seven release files (a TensorFlow checkpoint);
     source "hf": the same weights as model.safetensors from the Hugging Face hub.
+    files: only these of the folder's files (e.g. the tokenizer's), default all.
     """
     size = resolve_size(size)
     if source not in ("openai", "hf"):
         raise ValueError(f"unknown weights source {source!r}; choose openai or hf")
     folder = Path(cache_dir or default_cache_dir()) / ("gpt2" if source == "openai" else "gpt2-hf") / size
-    files = OPENAI_FILES if source == "openai" else HF_FILES
-    for name in files:
+    all_files = OPENAI_FILES if source == "openai" else HF_FILES
+    for name in files or all_files:
         if (folder / name).exists():  # a file only gets its final name once it is complete
             continue
         url = (OPENAI_URL.format(size=size, file=name) if source == "openai"
@@ -932,7 +933,7 @@ def download_gpt2(size="124M", cache_dir=None, source="openai") -> Path:
         except DownloadError as e:
             raise DownloadError(
                 f"{e}. Without internet, point --model-dir at a local copy of the model folder "
-                f"({', '.join(files)})"
+                f"({', '.join(all_files)})"
             ) from None
     return folder
 

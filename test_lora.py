@@ -794,3 +794,201 @@ def test_a_pickle_that_would_run_code_is_refused_without_running(tmp_path):
     with pytest.raises(ValueError, match="not a readable adapter"):
         lora.load_adapter(tiny_classifier(), tmp_path / "evil.pt")
     assert not victim.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py
+
+import zipfile  # noqa: E402
+
+import data  # noqa: E402
+
+
+def synthetic_messages(n_ham=60, n_spam=20):
+    """Unique, recognisable messages: the text says what the label is and which one it is."""
+    ham = [(f"hey are we still on for lunch {i} ok", 0) for i in range(n_ham)]
+    spam = [(f"WIN a FREE prize {i} now call 0900 " + "x " * (i % 7), 1) for i in range(n_spam)]
+    return ham + spam
+
+
+def write_sms_file(path, messages):
+    path.write_text("".join(f"{'spam' if label else 'ham'}\t{text}\n" for text, label in messages), encoding="utf-8")
+    return path
+
+
+def test_parse_splits_on_the_first_tab_only_and_keeps_quotes(tmp_path):
+    path = tmp_path / "SMSSpamCollection"
+    path.write_bytes(b'ham\t"quoted start\nspam\tcall now\tor later\nham\tend "quote\nham\tlast one\n')
+    assert data.load_messages(path) == [('"quoted start', 0), ("call now\tor later", 1), ('end "quote', 0),
+                                        ("last one", 0)]
+
+
+def test_parse_counts_replaced_invalid_utf8(tmp_path):
+    path = tmp_path / "sms.tsv"
+    path.write_bytes("ham\tok £5\nspam\tbad \xff\xfe byte\n".encode("utf-8").replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe"))
+    messages, replaced = data.read_messages(path)
+    assert messages[0] == ("ok £5", 0)
+    assert messages[1][0].startswith("bad \ufffd") and replaced == 2
+
+
+def test_parse_accepts_the_zip_and_user_csv_files(tmp_path):
+    messages = synthetic_messages(6, 6)
+    sms = write_sms_file(tmp_path / "SMSSpamCollection", messages)
+    with zipfile.ZipFile(tmp_path / "sms.zip", "w") as zf:
+        zf.write(sms, "SMSSpamCollection")
+        zf.writestr("readme", "not data")
+    assert data.load_messages(tmp_path / "sms.zip") == messages
+    with open(tmp_path / "mine.csv", "w", newline="") as f:  # text first, 0/1 labels, a header, a quoted comma
+        w = csv_writer = __import__("csv").writer(f)
+        w.writerow(["text", "label"])
+        csv_writer.writerows([["Hello, friend", "0"], ["FREE cash, now!", "1"]])
+    assert data.load_messages(tmp_path / "mine.csv") == [("Hello, friend", 0), ("FREE cash, now!", 1)]
+    (tmp_path / "mine.tsv").write_text("label\ttext\nHAM\tsee you\nSpam\twin big\n\n")
+    assert data.load_messages(tmp_path / "mine.tsv") == [("see you", 0), ("win big", 1)]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty"),
+    (b"ham\tfine\nspam no tab here\n", "line 2: no tab"),
+    (b"ham\tfine\nspam\tok\nmaybe\tsomething\n", r"line 3: unknown label; found 'maybe', 'something'"),
+    (b"ham\tone\nham\ttwo\n", "only ham messages"),
+    (b"ham\tone\nspam\t   \n", "line 2: the message text is empty"),
+])
+def test_bad_data_files_raise_clear_errors(tmp_path, content, message):
+    path = tmp_path / "sms.txt"
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.load_messages(path)
+
+
+def test_missing_file_and_zip_without_the_member_are_clear_errors(tmp_path):
+    with pytest.raises(data.DataError, match="not found; check --data"):
+        data.load_messages(tmp_path / "nope.txt")
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as zf:
+        zf.writestr("readme", "x")
+    with pytest.raises(data.DataError, match="has no member SMSSpamCollection"):
+        data.load_messages(tmp_path / "other.zip")
+
+
+def test_split_balances_and_partitions_the_messages():
+    messages = synthetic_messages(60, 20)
+    splits = data.split_dataset(messages, seed=42)
+    assert [len(splits[k]) for k in ("train", "val", "test", "unused")] == [28, 4, 8, 40]
+    chosen = splits["train"] + splits["val"] + splits["test"]
+    assert sum(label for _, label in chosen) == 20 and len(chosen) == 40  # all spam, as many ham
+    assert len(set(chosen)) == 40  # disjoint (the synthetic texts are unique)
+    assert sorted(chosen + splits["unused"]) == sorted(messages)
+    assert all(label == 0 for _, label in splits["unused"])
+
+
+def test_split_is_deterministic_for_a_seed_and_varies_with_it():
+    messages = synthetic_messages(60, 20)
+    assert data.split_dataset(messages, seed=1) == data.split_dataset(messages, seed=1)
+    assert data.split_dataset(messages, seed=1)["train"] != data.split_dataset(messages, seed=2)["train"]
+
+
+def test_split_refuses_too_few_messages():
+    with pytest.raises(data.DataError, match="need at least 5 of each"):
+        data.split_dataset(synthetic_messages(10, 4))
+
+
+@pytest.mark.skipif(not (SHARED / "SMSSpamCollection").exists(), reason="../shared/data/SMSSpamCollection absent")
+def test_real_sms_collection_counts_and_split_sizes():
+    messages, replaced = data.read_messages(SHARED / "SMSSpamCollection")
+    assert len(messages) == 5_574 and replaced == 0
+    assert sum(1 for _, label in messages if label == 0) == 4_827
+    assert sum(label for _, label in messages) == 747
+    splits = data.split_dataset(messages, seed=42)
+    assert [len(splits[k]) for k in ("train", "val", "test", "unused")] == [1_045, 149, 300, 4_080]
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    write_tiny_bpe(tmp_path / "bpe")
+    return gpt2.load_tokenizer(tmp_path / "bpe")
+
+
+def test_collate_pads_to_the_longest_in_the_batch(tiny_tokenizer):
+    batch = [([5, 6, 7], 1), ([8], 0), ([9, 10], 1)]
+    input_ids, last_index, labels = data.collate(batch, pad_id=99)
+    assert input_ids.tolist() == [[5, 6, 7], [8, 99, 99], [9, 10, 99]]
+    assert last_index.tolist() == [2, 0, 1] and labels.tolist() == [1, 0, 1]
+    assert input_ids.dtype == last_index.dtype == torch.long
+    assert data.collate(batch, pad_to=6)[0].shape == (3, 6)
+
+
+def test_dataset_max_length_defaults_to_longest_and_truncates_others(tiny_tokenizer):
+    splits = data.split_dataset(synthetic_messages(60, 20), seed=0)
+    loaders = data.make_loaders(splits, tiny_tokenizer, batch_size=4, max_length=None)
+    longest = max(len(tiny_tokenizer.encode_ordinary(t)) for t, _ in splits["train"])
+    assert loaders["train"].dataset.max_length == longest == loaders["test"].dataset.max_length
+    short = data.SpamDataset(splits["test"], tiny_tokenizer, max_length=5)
+    assert max(short.lengths()) == 5 and short.truncated == len(splits["test"])
+    assert short.encoded[0] == tiny_tokenizer.encode_ordinary(splits["test"][0][0])[:5]  # keeps the start
+
+
+def test_logits_at_last_index_do_not_depend_on_padding(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = gpt2.GPTModel(tiny_cfg(context_length=64)).eval()
+    short, long = tiny_tokenizer.encode_ordinary("hello"), tiny_tokenizer.encode_ordinary("a much longer message " * 2)
+    with torch.no_grad():
+        ids, last, _ = data.collate([(short, 0)], pad_id=tiny_tokenizer.eot_token)
+        alone = model(ids)[0, last[0]]
+        ids, last, _ = data.collate([(long, 1), (short, 0)], pad_id=tiny_tokenizer.eot_token)
+        assert ids.shape[1] == len(long) > len(short)
+        batched = model(ids)[1, last[1]]
+    torch.testing.assert_close(batched, alone, atol=1e-6, rtol=0)
+
+
+def test_bucketed_batches_cover_every_message_once_with_little_padding():
+    lengths = [int(x) for x in torch.randint(1, 120, (203,), generator=torch.Generator().manual_seed(3))]
+    sampler = data.BucketBatchSampler(lengths, 8, torch.Generator().manual_seed(0))
+    epoch1, epoch2 = list(sampler), list(sampler)
+    for epoch in (epoch1, epoch2):
+        assert sorted(i for b in epoch for i in b) == list(range(203)) and len(epoch) == len(sampler) == 26
+    assert epoch1 != epoch2  # a new order each epoch
+    assert list(data.BucketBatchSampler(lengths, 8, torch.Generator().manual_seed(0))) == epoch1  # seeded
+    def pad_tokens(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches) - sum(lengths)
+
+    in_file_order = [list(range(i, min(i + 8, 203))) for i in range(0, 203, 8)]
+    assert pad_tokens(epoch1) < 0.1 * pad_tokens(in_file_order)
+
+
+def test_train_loader_order_is_seeded(tiny_tokenizer):
+    splits = data.split_dataset(synthetic_messages(60, 20), seed=0)
+    first = [b[0].tolist() for b in data.make_loaders(splits, tiny_tokenizer, seed=5)["train"]]
+    again = [b[0].tolist() for b in data.make_loaders(splits, tiny_tokenizer, seed=5)["train"]]
+    other = [b[0].tolist() for b in data.make_loaders(splits, tiny_tokenizer, seed=6)["train"]]
+    assert first == again and first != other
+
+
+def test_download_sms_extracts_only_the_member_under_our_name(http_server, tmp_path, monkeypatch):
+    buf = __import__("io").BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("SMSSpamCollection", "ham\thi\nspam\twin\n")
+        zf.writestr("../escaped.txt", "must never be written")
+    http_server.files["/sms.zip"] = buf.getvalue()
+    monkeypatch.setattr(data, "SMS_URL", url_of(http_server, "/sms.zip"))
+    path = data.download_sms(cache_dir=tmp_path / "cache")
+    assert path == tmp_path / "cache" / "sms" / "SMSSpamCollection"
+    assert path.read_text() == "ham\thi\nspam\twin\n"
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert data.download_sms(cache_dir=tmp_path / "cache") == path and len(http_server.requests) == 1
+
+
+def test_data_cli_reports_counts_lengths_and_examples(tmp_path):
+    write_tiny_bpe(tmp_path / "bpe")
+    sms = write_sms_file(tmp_path / "sms.txt", synthetic_messages(60, 20))
+    result = run_script("data.py", "--data", sms, "--model-dir", tmp_path / "bpe")
+    assert result.returncode == 0, result.stderr
+    assert "80 messages (60 ham, 20 spam)" in result.stdout
+    assert "  train       28 " in result.stdout and "  unused      40     40      0 " in result.stdout
+    assert "Examples" in result.stdout and "tokens: [" in result.stdout
+
+
+def test_data_cli_bad_file_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "bad.txt").write_text("ham\tok\nwhat is this\n")
+    result = run_script("data.py", "--data", tmp_path / "bad.txt", "--model-dir", tmp_path)
+    assert result.returncode == 2 and "line 2: no tab" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
