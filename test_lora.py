@@ -31,6 +31,17 @@ SHARED = HERE.parent / "shared" / "data"
 TINY_TF = TESTDATA / "tf-tiny-gpt2"
 
 
+def run_main(main, argv, capsys):
+    """Call a script's main(argv) in this process; return (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def one_line(stderr):
+    return len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+
+
 def run_script(*args, stdin=None, cwd=None):
     """Run one of the repository's scripts as a user would, in a subprocess."""
     return subprocess.run([sys.executable, *map(str, args)], input=stdin, capture_output=True,
@@ -516,11 +527,9 @@ def test_gpt2_cli_greedy_continuation_matches_argmax(tiny_model_dir):
     (["--max-new-tokens", "0", "hi"], "--max-new-tokens"),
     (["   "], "prompt is empty"),
 ])
-def test_gpt2_cli_bad_input_is_one_line_and_exit_2(args, message):
-    result = run_script("gpt2.py", *args)
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+def test_gpt2_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    code, err = run_main(gpt2.main, args, capsys)
+    assert code == 2 and message in err and one_line(err)
 
 
 def test_gpt2_cli_missing_tokenizer_file_is_named(tiny_model_dir):
@@ -987,8 +996,176 @@ def test_data_cli_reports_counts_lengths_and_examples(tmp_path):
     assert "Examples" in result.stdout and "tokens: [" in result.stdout
 
 
-def test_data_cli_bad_file_is_one_line_and_exit_2(tmp_path):
+def test_data_cli_bad_file_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "bad.txt").write_text("ham\tok\nwhat is this\n")
-    result = run_script("data.py", "--data", tmp_path / "bad.txt", "--model-dir", tmp_path)
-    assert result.returncode == 2 and "line 2: no tab" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    code, err = run_main(data.main, ["--data", tmp_path / "bad.txt", "--model-dir", tmp_path], capsys)
+    assert code == 2 and "line 2: no tab" in err and one_line(err)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py and predict.py, run as a user runs them
+
+import re  # noqa: E402
+import signal  # noqa: E402
+
+import predict  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny model folder and a synthetic messages file, made once for the CLI tests."""
+    root = tmp_path_factory.mktemp("cli")
+    gpt2.write_model_folder(root / "model", tiny_cfg(), random_tensors(tiny_cfg()))
+    write_tiny_bpe(root / "model")
+    write_sms_file(root / "sms.txt", synthetic_messages(60, 20))
+    return root
+
+
+TRAIN_ARGS = ["--epochs", "3", "--rank", "4", "--lr", "1e-2", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    result = run_script(HERE / "train.py", "--model-dir", workdir / "model", "--data", workdir / "sms.txt",
+                        *TRAIN_ARGS, "--eval-unused", "--out", workdir / "a.pt", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return result, workdir / "a.pt"
+
+
+def test_train_prints_the_report_in_order(trained):
+    out = trained[0].stdout
+    cfg = tiny_cfg()
+    n_lora = lora_count(cfg, 4)
+    steps = ["Model before LoRA", "(W_query): Linear(", "Model after LoRA", "(W_query): LinearWithLoRA(",
+             f"trainable params: {n_lora:,} || all params: {hand_count(cfg) + n_lora:,} || trainable%: ",
+             f"trainable params: {n_lora + 34:,} || all params: {hand_count(cfg) + n_lora + 34:,}",
+             "Epoch 1 | Batch 0 | Loss: ", "Epoch 1 | Batch 2 | Loss: ", "Epoch 1 Finished | Avg Loss: ",
+             "Epoch 3 Finished", "Test Set Accuracy: ", "Spam precision: ", "Confusion matrix",
+             "False positives on the 40 unused ham messages: "]
+    positions = [out.find(s) for s in steps]
+    assert all(p >= 0 for p in positions), [s for s, p in zip(steps, positions) if p < 0]
+    assert positions == sorted(positions)
+    assert re.search(r"Epoch 2 Finished \| Avg Loss: \d\.\d{4} \| Acc: \d+\.\d\d% \| Val Acc: \d+\.\d\d% \| "
+                     r"Time: \d+\.\d\ds\n", out)
+    # the synthetic task is easy: a broken training loop would not reach this
+    assert "Test Set Accuracy: 100.00%" in out
+
+
+def test_train_writes_adapter_and_metrics(trained):
+    _, adapter = trained
+    meta, tensors = lora.read_adapter(adapter)
+    assert meta["rank"] == 4 and meta["labels"] == ["ham", "spam"] and meta["targets"] == "all"
+    assert meta["max_length"] > 0 and meta["config"]["emb_dim"] == 16
+    metrics = json.loads(adapter.with_name("a.pt.metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert metrics["test"]["accuracy"] == 1.0 and metrics["unused"]["messages"] == 40
+    assert not list(adapter.parent.glob("*.tmp"))
+
+
+def test_train_is_reproducible_for_a_seed(workdir, tmp_path):
+    runs = []
+    for name in ("x.pt", "y.pt"):
+        result = run_script(HERE / "train.py", "--model-dir", workdir / "model", "--data", workdir / "sms.txt",
+                            "--epochs", "1", "--rank", "2", "--out", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+        runs.append(json.loads((tmp_path / f"{name}.metrics.json").read_text()))
+    for run in runs:
+        for h in run["history"]:
+            h.pop("seconds")
+        run.pop("args")
+    assert runs[0] == runs[1]
+    _, a = lora.read_adapter(tmp_path / "x.pt")
+    _, b = lora.read_adapter(tmp_path / "y.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_predict_prints_text_label_and_confidence(trained):
+    _, adapter = trained
+    result = run_script("predict.py", "--adapter", adapter, "WIN a FREE prize 7 now call 0900", "hey are we still on for lunch")
+    assert result.returncode == 0, result.stderr
+    blocks = result.stdout.split("-" * 30 + "\n")
+    assert re.fullmatch(r"Text: 'WIN a FREE prize 7 now call 0900'\nPrediction: SPAM \(Confidence: \d\.\d\d\)\n", blocks[0])
+    assert re.fullmatch(r"Text: 'hey are we still on for lunch'\nPrediction: HAM \(Normal\) \(Confidence: \d\.\d\d\)\n",
+                        blocks[1])
+
+
+def test_predict_json_and_stdin_with_invalid_utf8(trained):
+    _, adapter = trained
+    result = subprocess.run([sys.executable, "predict.py", "--adapter", str(adapter), "--json", "-"],
+                            input=b"WIN a FREE prize now call 0900\nhey \xff lunch ok\n", capture_output=True,
+                            cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [r["label"] for r in rows] == ["spam", "ham"]
+    assert rows[1]["text"] == "hey \ufffd lunch ok" and 0 <= rows[1]["spam_probability"] < 0.5
+
+
+def test_predict_matches_the_unmerged_trained_model(trained, workdir):
+    """The merged CLI model must give the probabilities the trained (unmerged) model gives."""
+    _, adapter = trained
+    meta, _ = lora.read_adapter(adapter)
+    model = gpt2.load_gpt2(workdir / "model")
+    lora.replace_linear_with_lora(model, meta["rank"], meta["alpha"])
+    model.out_head = torch.nn.Linear(16, 2)
+    lora.load_adapter(model, adapter)
+    tok = gpt2.load_tokenizer(workdir / "model")
+    text = "WIN a FREE prize 3 now"
+    with torch.no_grad():
+        want = torch.softmax(model(torch.tensor([tok.encode_ordinary(text)]))[0, -1], -1)[1].item()
+    result = run_script("predict.py", "--adapter", adapter, "--json", text)
+    assert abs(json.loads(result.stdout)["spam_probability"] - want) < 1e-5
+
+
+def test_predict_truncates_long_messages_with_a_note(trained):
+    _, adapter = trained
+    result = run_script("predict.py", "--adapter", adapter, "hello " * 200)
+    assert result.returncode == 0 and "truncated to the first" in result.stderr and "Prediction:" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--adapter", "missing.pt", "hi"], "no trained adapter at missing.pt — run python train.py first"),
+    (["hi", "  "], "message 2 is empty"),
+])
+def test_predict_bad_input_is_one_line_and_exit_2(tmp_path, args, message, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(predict.main, args, capsys)
+    assert code == 2 and message in err and one_line(err)
+
+
+def test_predict_refuses_a_file_that_is_not_an_adapter(tmp_path, capsys):
+    (tmp_path / "x.pt").write_bytes(b"not a zip")
+    code, err = run_main(predict.main, ["--adapter", tmp_path / "x.pt", "hi"], capsys)
+    assert code == 2 and "not a readable adapter file" in err and one_line(err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--alpha", "-2"], "alpha must be a number > 0"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--targets", "W_qery"], "W_qery matches no"),
+    (["--out", "/nonexistent/dir/a.pt"], "does not exist"),
+    (["--data", "/nonexistent.txt"], "not found; check --data"),
+    (["--model", "huge"], "unknown GPT-2 size 'huge'"),
+])
+def test_train_bad_input_is_one_line_and_exit_2(workdir, tmp_path, args, message, capsys):
+    base = ["--model-dir", workdir / "model", "--data", workdir / "sms.txt", "--out", tmp_path / "a.pt"]
+    code, err = run_main(train.main, base + args, capsys)
+    assert code == 2 and message in err and one_line(err)
+    assert not (tmp_path / "a.pt").exists()
+
+
+def test_ctrl_c_stops_training_cleanly_and_keeps_the_old_adapter(workdir, tmp_path):
+    out = tmp_path / "a.pt"
+    out.write_bytes(b"an earlier adapter")
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), "--model-dir", str(workdir / "model"),
+                             "--data", str(workdir / "sms.txt"), "--epochs", "100000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("Epoch 2 |"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "interrupted; nothing was saved" in err and "Traceback" not in err
+    assert out.read_bytes() == b"an earlier adapter"
