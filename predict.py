@@ -30,7 +30,7 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu"):
     adapter_path = Path(adapter_path)
     if not adapter_path.exists():
         raise FileNotFoundError(f"no trained adapter at {adapter_path} — run python train.py first")
-    meta, _ = lora.read_adapter(adapter_path)
+    meta, tensors = lora.read_adapter(adapter_path)
     if model_dir is None and meta.get("model_dir") and Path(meta["model_dir"]).is_dir():
         model_dir = meta["model_dir"]  # the folder it was trained on, if it is still there
     folder = gpt2.model_folder(meta.get("model", "124M"), model_dir, cache_dir, meta.get("weights_source", "openai"))
@@ -42,7 +42,7 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu"):
     lora.replace_linear_with_lora(model, meta["rank"], meta["alpha"], meta.get("dropout", 0.0),
                                   targets=None if meta.get("targets") == "all" else meta.get("targets"))
     add_classification_head(model, num_classes=len(meta.get("labels", data.LABELS)))
-    lora.load_adapter(model, adapter_path)
+    lora.load_adapter(model, adapter_path, adapter=(meta, tensors))
     lora.merge_lora(model)
     lora.freeze_and_activate_lora(model)  # no LoRA is left, so this freezes everything
     return model.eval(), gpt2.load_tokenizer(folder), meta

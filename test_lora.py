@@ -391,6 +391,14 @@ def test_merges_that_disagree_with_the_vocabulary_are_refused(tmp_path):
         gpt2.load_tokenizer(tmp_path)
 
 
+def test_vocabulary_outside_the_byte_alphabet_is_refused(tmp_path):
+    encoder = write_tiny_bpe(tmp_path)
+    encoder["a b"] = len(encoder)  # a raw space: GPT-2 writes it as "Ġ"
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder))
+    with pytest.raises(gpt2.CheckpointError, match="' ' is outside GPT-2's byte alphabet"):
+        gpt2.load_tokenizer(tmp_path)
+
+
 @pytest.mark.skipif(not (SHARED / "gpt2-bpe" / "encoder.json").exists(), reason="../shared/data/gpt2-bpe absent")
 def test_real_gpt2_bpe_gives_openai_token_ids():
     tok = gpt2.load_tokenizer(SHARED / "gpt2-bpe")
@@ -586,6 +594,20 @@ def test_lora_layer_shapes_init_and_scaling():
         layer.B.normal_()
     x = torch.randn(2, 5, 12)
     torch.testing.assert_close(layer(x), 2.0 * x @ layer.A @ layer.B)
+
+
+def test_linear_with_lora_computes_w0x_plus_scaled_bax():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 20)
+    wrapped = lora.LinearWithLoRA(linear, rank=3, alpha=6)
+    with torch.no_grad():
+        wrapped.lora.B.normal_()
+    A, B, W, b = wrapped.lora.A, wrapped.lora.B, linear.weight, linear.bias
+    for x in (torch.randn(2, 5, 12), torch.randn(7, 12), torch.randn(12)):
+        torch.testing.assert_close(wrapped(x), x @ W.T + b + 2.0 * (x @ A @ B))
+    x = torch.randn(4, 12, requires_grad=True)  # gradients reach x, A and B, never W
+    wrapped(x).square().sum().backward()
+    assert x.grad is not None and A.grad is not None and B.grad is not None
 
 
 def test_lora_model_equals_base_model_at_init():

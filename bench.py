@@ -1,0 +1,431 @@
+"""Measure what users feel: training speed (and MFU), epoch time, load time, predict start-up, memory.
+
+Everything runs offline on random weights of the real shapes, so no download is needed; the epoch
+uses the real SMS training split when ../shared/data has it. Each figure is a median over repeated
+runs after a warm-up, with min and max. The machine's own matmul rate ("peak") is measured in the
+same process right before and after the timed work, since shared machines are noisy.
+
+Model FLOPs of one training step (B sequences of T tokens, L layers, width C):
+    4 N B T + 12 L B T^2 C + 6 N_lora B T
+N: the frozen non-embedding weights, used in the forward (2 N per token) and in the backward for
+input gradients only (2 N; frozen weights get no weight gradient); 12 L B T^2 C: attention scores
+and their weighted sum, forward (4 L B T^2 C) and backward (twice that); N_lora: LoRA and head
+weights, which also get weight gradients (6 per token).
+
+Usage:
+    python bench.py                  # the full table (a few minutes on 2 CPU cores), writes bench.json
+    python bench.py --quick --model tiny
+    python bench.py --only train_step
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import gpt2
+import lora
+import train
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared" / "data"
+SECTIONS = ("peak", "train_step", "epoch", "load", "predict", "memory")
+TINY = gpt2.GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
+FIXED_T = 120  # the reference course pads every message to its longest training message: 120 tokens
+
+
+def config_of(name):
+    return TINY if name == "tiny" else gpt2.GPT2_SIZES[gpt2.resolve_size(name)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def summary(samples):
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "runs": len(samples)}
+
+
+def timed(fn, runs, warmup=1, device=torch.device("cpu")):
+    """Wall times of runs calls of fn() after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------
+# peak: this machine's fp32 matmul rate
+
+
+def matmul_rate(m, k, n, device, runs):
+    """GFLOP/s of an fp32 (m, k) @ (k, n) product: the best of runs, i.e. what the machine can do
+    when nothing else disturbs it (a noisy reading can only make it look slower)."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    times = timed(lambda: torch.mm(a, b), runs, warmup=2, device=device)
+    return 2 * m * k * n / min(times) / 1e9
+
+
+def measure_peak(cfg, device, runs, tokens):
+    C = cfg.emb_dim
+    shapes = {"2048x2048x2048": (2048, 2048, 2048), f"qkv {tokens}x{C}x{3 * C}": (tokens, C, 3 * C),
+              f"fc {tokens}x{C}x{4 * C}": (tokens, C, 4 * C), f"proj {tokens}x{4 * C}x{C}": (tokens, 4 * C, C)}
+    return {name: matmul_rate(*shape, device, runs) for name, shape in shapes.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# train_step: forward + loss + backward + AdamW on B x T, with LoRA on every Linear
+
+
+def build_classifier(cfg, rank, device, seed=0):
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = gpt2.GPTModel(cfg)
+    model = model.to_empty(device=device)
+    model.init_weights()
+    lora.replace_linear_with_lora(model, rank=rank, alpha=rank)
+    lora.freeze_and_activate_lora(model)
+    train.add_classification_head(model, 2)
+    return model
+
+
+def step_flops(cfg, B, T, n_trainable):
+    C, L = cfg.emb_dim, cfg.n_layers
+    n_frozen = L * (12 * C * C + 13 * C) + 2 * C
+    return 4 * n_frozen * B * T + 12 * L * B * T * T * C + 6 * n_trainable * B * T
+
+
+def make_step(model, optimizer, B, T, device):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=gen).to(device)
+    last = torch.full((B,), T - 1, device=device)
+    labels = torch.randint(0, 2, (B,), generator=gen).to(device)
+    model.train()
+
+    def step():
+        with train.autocast_for(device):
+            logits = train.logits_at_last_token(model, ids, last)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def bench_train_step(cfg, rank, device, steps, peak_runs, B=8, T=FIXED_T):
+    """Runs in its own process (see --child) so that its peak RSS is its own."""
+    model = build_classifier(cfg, rank, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
+    step = make_step(model, optimizer, B, T, device)
+    peak_before = matmul_rate(2048, 2048, 2048, device, peak_runs)
+    times = timed(step, steps, warmup=2, device=device)
+    peak_after = matmul_rate(2048, 2048, 2048, device, peak_runs)
+    flops = step_flops(cfg, B, T, sum(p.numel() for p in trainable))
+    peak = max(peak_before, peak_after)  # the faster reading is the better estimate of the machine
+    achieved = flops / statistics.median(times) / 1e9
+    return {"batch": [B, T], "seconds_per_step": statistics.median(times), "seconds": summary(times),
+            "examples_per_s": B / statistics.median(times), "flops_per_step": flops,
+            "achieved_gflops": achieved, "peak_gflops_before": peak_before, "peak_gflops_after": peak_after,
+            "mfu": achieved / peak, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# epoch: dynamic padding + length buckets vs every message padded to 120 tokens, same code
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for the synthetic fallback: one token per byte."""
+    eot_token = 0
+
+    def encode_ordinary(self, text):
+        return list(text.encode())
+
+
+def epoch_splits(quick):
+    """The real training split and GPT-2's tokenizer when ../shared/data has them, else synthetic."""
+    if (SHARED / "SMSSpamCollection").exists() and (SHARED / "gpt2-bpe" / "vocab.bpe").exists():
+        splits = data.split_dataset(data.load_messages(SHARED / "SMSSpamCollection"), seed=42)
+        return splits, gpt2.load_tokenizer(SHARED / "gpt2-bpe"), "real SMS training split"
+    rng = random.Random(0)  # lengths spread like SMS token counts: median about 30, a long tail
+    lengths = [max(2, min(FIXED_T, int(rng.lognormvariate(3.3, 0.6)))) for _ in range(1045)]
+    train_msgs = [("a" * n, i % 2) for i, n in enumerate(lengths)]
+    return {"train": train_msgs}, ByteTokenizer(), "synthetic length distribution (no ../shared/data)"
+
+
+def bench_epoch(cfg, rank, device, quick):
+    splits, tokenizer, source = epoch_splits(quick)
+    splits = {"train": splits["train"][:160] if quick else splits["train"]}
+    results = {"data": source, "messages": len(splits["train"])}
+    model = build_classifier(cfg, rank, device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    for name, kwargs in (("dynamic_bucketed", dict(bucket=True)),
+                         ("fixed_120", dict(bucket=False, pad_to=FIXED_T, max_length=FIXED_T))):
+        loader = data.make_loaders(splits, tokenizer, batch_size=8, seed=42,
+                                   context_length=cfg.context_length, **kwargs)["train"]
+        batches = len(loader)
+        # every fixed-padding batch has the same shape (8 x 120), so a few of them time them all
+        timed_batches = batches if name == "dynamic_bucketed" else min(batches, 3 if quick else 12)
+        with quiet:
+            train.train_epoch(model, itertools.islice(loader, 1), optimizer, device, 1, 10**9)  # warm-up
+            sync(device)
+            start = time.perf_counter()
+            train.train_epoch(model, itertools.islice(loader, timed_batches), optimizer, device, 1, 10**9)
+            sync(device)
+        seconds = (time.perf_counter() - start) * batches / timed_batches
+        lengths = loader.dataset.lengths()
+        tokens = (sum(max(lengths[i] for i in b) * len(b) for b in loader.batch_sampler) if kwargs["bucket"]
+                  else FIXED_T * len(lengths))  # the tokens the model actually processes, padding included
+        results[name] = {"seconds": seconds, "batches": batches, "timed_batches": timed_batches,
+                         "tokens_with_padding": tokens}
+    results["ratio"] = results["fixed_120"]["seconds"] / results["dynamic_bucketed"]["seconds"]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# load: load_gpt2 on a folder bench.py writes, next to reading the data file once
+
+
+def write_random_folder(cfg, folder, fmt):
+    rng = np.random.default_rng(0)
+    tensors = {n: (rng.standard_normal(s, dtype=np.float32) * 0.02) for n, s in gpt2.checkpoint_shapes(cfg).items()}
+    gpt2.write_model_folder(folder, cfg, tensors, fmt=fmt)
+    for name in ("encoder.json", "vocab.bpe"):
+        if (SHARED / "gpt2-bpe" / name).exists():
+            (folder / name).write_bytes((SHARED / "gpt2-bpe" / name).read_bytes())
+    return folder
+
+
+def bench_load(cfg, work, runs):
+    results = {}
+    for fmt in ("openai", "hf"):
+        folder = write_random_folder(cfg, work / f"model-{fmt}", fmt)
+        data_file = folder / ("model.ckpt.data-00000-of-00001" if fmt == "openai" else "model.safetensors")
+
+        def read_once():
+            with open(data_file, "rb") as f:
+                f.read()
+        read = timed(read_once, runs)
+        load = timed(lambda: gpt2.load_gpt2(folder), runs)
+        model = gpt2.load_gpt2(folder)
+        ids = torch.zeros(1, 8, dtype=torch.long)
+        with torch.inference_mode():
+            first = timed(lambda: model(ids), 1, warmup=0)  # pages the weights in (already cached here)
+        results[fmt] = {"seconds": statistics.median(load), "load": summary(load),
+                        "read_seconds": statistics.median(read), "read": summary(read),
+                        "first_forward_s": first[0], "file_mb": data_file.stat().st_size / 1e6}
+    results["seconds"], results["read_seconds"] = results["openai"]["seconds"], results["openai"]["read_seconds"]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# predict: cold start of the whole command, and batch-1 latency merged vs unmerged
+
+
+def run_with_rss(cmd):
+    """(seconds, peak RSS in MiB) of one child process; os.wait4 gives that child's own rusage."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=HERE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {err.read().decode(errors='replace').strip()[-300:]}")
+    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_predict(cfg, rank, work, runs, device):
+    folder = work / "model-openai"
+    if not (folder / "hparams.json").exists():
+        write_random_folder(cfg, folder, "openai")
+    if not (folder / "vocab.bpe").exists():
+        return {"skipped": "needs ../shared/data/gpt2-bpe for the tokenizer"}
+    model = gpt2.load_gpt2(folder)  # an adapter as train.py writes it, on this folder's weights
+    lora.replace_linear_with_lora(model, rank=rank, alpha=rank)
+    train.add_classification_head(model, 2)
+    adapter = work / "bench_adapter.pt"
+    lora.save_adapter(model, adapter, {"model": "bench", "model_dir": str(folder), "config": asdict(cfg),
+                                       "targets": "all", "max_length": FIXED_T, "labels": list(data.LABELS)})
+    msg = "Congratulations! You have won a free cruise, call 0800 123 456 now to claim your prize."
+    torch_s = [run_with_rss([sys.executable, "-c", "import torch"])[0] for _ in range(runs)]
+    cold, rss = [], []
+    for _ in range(runs):
+        seconds, peak = run_with_rss([sys.executable, "predict.py", "--adapter", str(adapter), "--device", "cpu", msg])
+        cold.append(seconds)
+        rss.append(peak)
+    tok = gpt2.load_tokenizer(folder)
+    ids = torch.tensor([(tok.encode_ordinary(msg) * 3)[:30]], device=device)
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        unmerged = timed(lambda: model(ids), 20, warmup=3, device=device)
+        lora.merge_lora(model)
+        merged = timed(lambda: model(ids), 20, warmup=3, device=device)
+    return {"cold_start_s": statistics.median(cold), "cold_start": summary(cold),
+            "import_torch_s": statistics.median(torch_s), "import_torch": summary(torch_s),
+            "latency_unmerged_s": statistics.median(unmerged), "latency_merged_s": statistics.median(merged),
+            "latency_unmerged": summary(unmerged), "latency_merged": summary(merged),
+            "peak_rss_mib": max(rss)}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = gpt2.ArgumentParser(prog="bench.py", description="Benchmarks of training, loading and prediction.")
+    p.add_argument("--model", default="124M", help="a GPT-2 size, or tiny (a small test config)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank on every Linear")
+    p.add_argument("--quick", action="store_true", help="few repetitions, for smoke-testing")
+    p.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--out", default="bench.json", help="where to write the results")
+    p.add_argument("--child", choices=("train_step",), help=argparse.SUPPRESS)  # bench.py calls itself
+    args = p.parse_args(argv)
+    try:
+        cfg = config_of(args.model)
+        lora.check_lora_hparams(args.rank, args.rank)
+        device = gpt2.pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    steps, runs = (3, 2) if args.quick else (6, 5)
+    if args.child == "train_step":  # a fresh process: its RSS is the train step's alone
+        print(json.dumps(bench_train_step(cfg, args.rank, device, steps, runs)))
+        return
+
+    results = {"model": args.model, "rank": args.rank, "device": str(device), "quick": args.quick,
+               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    sections = args.only or SECTIONS
+    tokens = 8 * FIXED_T
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        if "peak" in sections:
+            results["peak"] = {"before": measure_peak(cfg, device, runs, tokens)}
+        if "train_step" in sections or "memory" in sections:
+            child = [sys.executable, str(HERE / "bench.py"), "--child", "train_step", "--model", args.model,
+                     "--rank", str(args.rank), "--device", str(device)] + (["--quick"] if args.quick else [])
+            result = subprocess.run(child, capture_output=True, text=True, cwd=HERE)
+            if result.returncode:
+                sys.exit(f"bench.py: the train-step process failed: {result.stderr.strip()[-500:]}")
+            step = json.loads(result.stdout)
+            results["train_step"] = step
+        if "epoch" in sections:
+            results["epoch"] = bench_epoch(cfg, args.rank, device, args.quick)
+        if "load" in sections:
+            results["load"] = bench_load(cfg, work, runs)
+        if "predict" in sections or "memory" in sections:
+            results["predict"] = bench_predict(cfg, args.rank, work, runs, device)
+        if "memory" in sections:
+            results["memory"] = {"train_peak_rss_mib": results["train_step"]["peak_rss_mib"],
+                                 "predict_peak_rss_mib": results["predict"].get("peak_rss_mib")}
+        if "peak" in sections:
+            results["peak"]["after"] = measure_peak(cfg, device, runs, tokens)
+    report(results)
+    out = Path(args.out)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    print(f"\nWrote {out}")
+
+
+def report(r):
+    """Print the table and the targets."""
+    rows = []
+    if "peak" in r:
+        for name, rate in r["peak"]["before"].items():
+            rows.append(("peak", f"fp32 mm {name} GFLOP/s (before / after)",
+                         f"{rate:,.1f} / {r['peak'].get('after', {}).get(name, float('nan')):,.1f}"))
+    if "train_step" in r:
+        t = r["train_step"]
+        s = t["seconds"]
+        rows += [("train_step", f"s/step, batch {t['batch'][0]}x{t['batch'][1]} (median [min, max])",
+                  f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"),
+                 ("train_step", "examples/s", f"{t['examples_per_s']:.2f}"),
+                 ("train_step", "model GFLOP/step | achieved GFLOP/s", f"{t['flops_per_step'] / 1e9:,.1f} | {t['achieved_gflops']:,.1f}"),
+                 ("train_step", "MFU (achieved / peak 2048 mm)", f"{t['mfu']:.2f}")]
+    if "epoch" in r:
+        e = r["epoch"]
+        rows += [("epoch", f"dynamic + buckets, s ({e['messages']:,} msgs, {e['data']})",
+                  f"{e['dynamic_bucketed']['seconds']:.1f}"),
+                 ("epoch", f"fixed {FIXED_T}-token padding, s ({e['fixed_120']['timed_batches']} of "
+                           f"{e['fixed_120']['batches']} batches timed)", f"{e['fixed_120']['seconds']:.1f}"),
+                 ("epoch", "tokens incl. padding: dynamic | fixed",
+                  f"{e['dynamic_bucketed']['tokens_with_padding']:,} | {e['fixed_120']['tokens_with_padding']:,}"),
+                 ("epoch", "ratio fixed / dynamic", f"{e['ratio']:.2f}x")]
+    if "load" in r:
+        for fmt in ("openai", "hf"):
+            x = r["load"][fmt]
+            rows += [("load", f"load_gpt2 {fmt} s | read data file once s ({x['file_mb']:,.0f} MB)",
+                      f"{x['seconds']:.3f} | {x['read_seconds']:.3f}"),
+                     ("load", f"first forward after load ({fmt}), s", f"{x['first_forward_s']:.3f}")]
+    if "predict" in r and "cold_start_s" in r["predict"]:
+        x = r["predict"]
+        rows += [("predict", "cold start s | python -c 'import torch' s",
+                  f"{x['cold_start_s']:.2f} | {x['import_torch_s']:.2f}"),
+                 ("predict", "batch-1 latency, 30 tokens: merged | unmerged, ms",
+                  f"{1e3 * x['latency_merged_s']:.1f} | {1e3 * x['latency_unmerged_s']:.1f}")]
+    if "memory" in r:
+        m = r["memory"]
+        rows.append(("memory", "peak RSS MiB: train step | predict",
+                     f"{m['train_peak_rss_mib']:,.0f} | {m['predict_peak_rss_mib'] or float('nan'):,.0f}"))
+    width = max(len(name) for _, name, _ in rows) if rows else 10
+    print(f"bench.py: model {r['model']}, LoRA rank {r['rank']}, {r['device']}, {r['threads']} threads, torch {r['torch']}")
+    for section, name, value in rows:
+        print(f"  {section:<11} {name:<{width}}  {value}")
+    print("\nTargets:")
+    for label, ok in targets(r):
+        print(f"  [{'met' if ok else 'MISSED'}] {label}")
+
+
+def targets(r):
+    out = []
+    if "train_step" in r:
+        out.append((f"train_step MFU {r['train_step']['mfu']:.2f} >= 0.70", r["train_step"]["mfu"] >= 0.70))
+    if "memory" in r:
+        out.append((f"train peak RSS {r['memory']['train_peak_rss_mib'] / 1024:.2f} GiB <= 2.0 GiB",
+                    r["memory"]["train_peak_rss_mib"] <= 2048))
+    if "epoch" in r:
+        out.append((f"epoch ratio {r['epoch']['ratio']:.2f}x >= 3x", r["epoch"]["ratio"] >= 3))
+    if "predict" in r and "cold_start_s" in r["predict"]:
+        x = r["predict"]
+        out.append((f"predict cold start {x['cold_start_s']:.2f} s <= import torch {x['import_torch_s']:.2f} s + 1.0 s",
+                    x["cold_start_s"] <= x["import_torch_s"] + 1.0))
+        out.append((f"merged latency {1e3 * x['latency_merged_s']:.1f} ms <= unmerged {1e3 * x['latency_unmerged_s']:.1f} ms",
+                    x["latency_merged_s"] <= x["latency_unmerged_s"]))
+    if "load" in r:
+        out.append((f"load {r['load']['seconds']:.3f} s <= 2 x read {r['load']['read_seconds']:.3f} s",
+                    r["load"]["seconds"] <= 2 * r["load"]["read_seconds"]))
+    return out
+
+
+if __name__ == "__main__":
+    main()
