@@ -136,14 +136,14 @@ def make_step(model, optimizer, B, T, device):
     return step
 
 
-def bench_train_step(cfg, rank, device, steps, peak_runs, B=8, T=FIXED_T):
+def bench_train_step(cfg, rank, device, steps, peak_runs, warmup=2, B=8, T=FIXED_T):
     """Runs in its own process (see --child) so that its peak RSS is its own."""
     model = build_classifier(cfg, rank, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
     step = make_step(model, optimizer, B, T, device)
     peak_before = matmul_rate(2048, 2048, 2048, device, peak_runs)
-    times = timed(step, steps, warmup=2, device=device)
+    times = timed(step, steps, warmup=warmup, device=device)
     peak_after = matmul_rate(2048, 2048, 2048, device, peak_runs)
     flops = step_flops(cfg, B, T, sum(p.numel() for p in trainable))
     peak = max(peak_before, peak_after)  # the faster reading is the better estimate of the machine
@@ -155,7 +155,27 @@ def bench_train_step(cfg, rank, device, steps, peak_runs, B=8, T=FIXED_T):
 
 
 def peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak resident memory. VmHWM belongs to the address space made at exec; the
+    rusage figure would also count the parent's memory at fork time."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+
+
+# Runs a script as `python script args...` would, then reports its peak memory on the last line of stderr
+PEAK_RUNNER = """import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    sys.path.insert(0, {here!r})
+    import bench
+    print("peak_rss_mib", bench.peak_rss_mib(), file=sys.stderr)
+"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +203,7 @@ def epoch_splits(quick):
 
 def bench_epoch(cfg, rank, device, quick):
     splits, tokenizer, source = epoch_splits(quick)
-    splits = {"train": splits["train"][:160] if quick else splits["train"]}
+    splits = {"train": splits["train"][:64] if quick else splits["train"]}
     results = {"data": source, "messages": len(splits["train"])}
     model = build_classifier(cfg, rank, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -194,7 +214,7 @@ def bench_epoch(cfg, rank, device, quick):
                                    context_length=cfg.context_length, **kwargs)["train"]
         batches = len(loader)
         # every fixed-padding batch has the same shape (8 x 120), so a few of them time them all
-        timed_batches = batches if name == "dynamic_bucketed" else min(batches, 3 if quick else 12)
+        timed_batches = batches if name == "dynamic_bucketed" else min(batches, 2 if quick else 12)
         with quiet:
             train.train_epoch(model, itertools.islice(loader, 1), optimizer, device, 1, 10**9)  # warm-up
             sync(device)
@@ -215,10 +235,13 @@ def bench_epoch(cfg, rank, device, quick):
 # load: load_gpt2 on a folder bench.py writes, next to reading the data file once
 
 
-def write_random_folder(cfg, folder, fmt):
+def random_tensors(cfg):
     rng = np.random.default_rng(0)
-    tensors = {n: (rng.standard_normal(s, dtype=np.float32) * 0.02) for n, s in gpt2.checkpoint_shapes(cfg).items()}
-    gpt2.write_model_folder(folder, cfg, tensors, fmt=fmt)
+    return {n: (rng.standard_normal(s, dtype=np.float32) * 0.02) for n, s in gpt2.checkpoint_shapes(cfg).items()}
+
+
+def write_random_folder(cfg, folder, fmt, tensors=None):
+    gpt2.write_model_folder(folder, cfg, tensors or random_tensors(cfg), fmt=fmt)
     for name in ("encoder.json", "vocab.bpe"):
         if (SHARED / "gpt2-bpe" / name).exists():
             (folder / name).write_bytes((SHARED / "gpt2-bpe" / name).read_bytes())
@@ -226,9 +249,9 @@ def write_random_folder(cfg, folder, fmt):
 
 
 def bench_load(cfg, work, runs):
-    results = {}
+    results, tensors = {}, random_tensors(cfg)
     for fmt in ("openai", "hf"):
-        folder = write_random_folder(cfg, work / f"model-{fmt}", fmt)
+        folder = write_random_folder(cfg, work / f"model-{fmt}", fmt, tensors)
         data_file = folder / ("model.ckpt.data-00000-of-00001" if fmt == "openai" else "model.safetensors")
 
         def read_once():
@@ -251,18 +274,23 @@ def bench_load(cfg, work, runs):
 # predict: cold start of the whole command, and batch-1 latency merged vs unmerged
 
 
-def run_with_rss(cmd):
-    """(seconds, peak RSS in MiB) of one child process; os.wait4 gives that child's own rusage."""
-    with tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=HERE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {err.read().decode(errors='replace').strip()[-300:]}")
-    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+def run_timed(cmd) -> float:
+    """Wall seconds of one whole command, start-up included."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {result.stderr.strip()[-300:]}")
+    return time.perf_counter() - start
+
+
+def script_peak_rss_mib(script_and_args) -> float:
+    runner = PEAK_RUNNER.format(here=str(HERE))
+    result = subprocess.run([sys.executable, "-c", runner, *script_and_args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE)
+    last = result.stderr.strip().splitlines()[-1]
+    if result.returncode or not last.startswith("peak_rss_mib"):
+        raise RuntimeError(f"{script_and_args[0]} failed: {result.stderr.strip()[-300:]}")
+    return float(last.split()[1])
 
 
 def bench_predict(cfg, rank, work, runs, device):
@@ -278,12 +306,10 @@ def bench_predict(cfg, rank, work, runs, device):
     lora.save_adapter(model, adapter, {"model": "bench", "model_dir": str(folder), "config": asdict(cfg),
                                        "targets": "all", "max_length": FIXED_T, "labels": list(data.LABELS)})
     msg = "Congratulations! You have won a free cruise, call 0800 123 456 now to claim your prize."
-    torch_s = [run_with_rss([sys.executable, "-c", "import torch"])[0] for _ in range(runs)]
-    cold, rss = [], []
-    for _ in range(runs):
-        seconds, peak = run_with_rss([sys.executable, "predict.py", "--adapter", str(adapter), "--device", "cpu", msg])
-        cold.append(seconds)
-        rss.append(peak)
+    predict_args = ["predict.py", "--adapter", str(adapter), "--device", "cpu", msg]
+    torch_s = [run_timed([sys.executable, "-c", "import torch"]) for _ in range(runs)]
+    cold = [run_timed([sys.executable, *predict_args]) for _ in range(runs)]
+    rss = script_peak_rss_mib(predict_args)
     tok = gpt2.load_tokenizer(folder)
     ids = torch.tensor([(tok.encode_ordinary(msg) * 3)[:30]], device=device)
     model = model.to(device).eval()
@@ -295,7 +321,7 @@ def bench_predict(cfg, rank, work, runs, device):
             "import_torch_s": statistics.median(torch_s), "import_torch": summary(torch_s),
             "latency_unmerged_s": statistics.median(unmerged), "latency_merged_s": statistics.median(merged),
             "latency_unmerged": summary(unmerged), "latency_merged": summary(merged),
-            "peak_rss_mib": max(rss)}
+            "peak_rss_mib": rss}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,9 +343,9 @@ def main(argv=None):
         device = gpt2.pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    steps, runs = (3, 2) if args.quick else (6, 5)
+    steps, warmup, runs = (2, 1, 2) if args.quick else (6, 2, 5)
     if args.child == "train_step":  # a fresh process: its RSS is the train step's alone
-        print(json.dumps(bench_train_step(cfg, args.rank, device, steps, runs)))
+        print(json.dumps(bench_train_step(cfg, args.rank, device, steps, runs, warmup)))
         return
 
     results = {"model": args.model, "rank": args.rank, "device": str(device), "quick": args.quick,

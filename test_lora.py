@@ -1191,3 +1191,33 @@ def test_ctrl_c_stops_training_cleanly_and_keeps_the_old_adapter(workdir, tmp_pa
     assert proc.returncode == 1
     assert "interrupted; nothing was saved" in err and "Traceback" not in err
     assert out.read_bytes() == b"an earlier adapter"
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py: kept working (its figures are measurements, so nothing here asserts a speed)
+
+
+def test_bench_quick_on_the_tiny_config_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script("bench.py", "--quick", "--model", "tiny", "--out", out)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert {"peak", "train_step", "epoch", "load", "predict", "memory"} <= r.keys(), r.keys()
+    figures = [r["train_step"]["seconds_per_step"], r["train_step"]["mfu"], r["epoch"]["ratio"], r["load"]["seconds"],
+               r["load"]["read_seconds"], r["memory"]["train_peak_rss_mib"]]
+    if (SHARED / "gpt2-bpe" / "vocab.bpe").exists():  # predict needs a real tokenizer for the 50,257 vocabulary
+        figures += [r["predict"]["cold_start_s"], r["predict"]["import_torch_s"], r["memory"]["predict_peak_rss_mib"]]
+    assert all(isinstance(x, float) and x > 0 for x in figures), figures
+    # the counts behind the epoch comparison are exact: dynamic padding must process fewer tokens
+    assert r["epoch"]["dynamic_bucketed"]["tokens_with_padding"] < r["epoch"]["fixed_120"]["tokens_with_padding"]
+    assert r["train_step"]["flops_per_step"] == bench_flops_by_hand()
+    for label in ("train_step MFU", "epoch ratio", "load"):
+        assert label in result.stdout
+
+
+def bench_flops_by_hand():
+    """bench.py's tiny config (C=64, L=2, V=50257), rank 16 on every Linear, a 2-class head, 8 x 120 tokens."""
+    C, L, tokens, T = 64, 2, 8 * 120, 120
+    frozen = L * (12 * C * C + 13 * C) + 2 * C
+    trainable = L * 16 * (4 * 2 * C + 2 * 5 * C) + (C * 2 + 2)
+    return 4 * frozen * tokens + 12 * L * 8 * T * T * C + 6 * trainable * tokens
