@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import itertools
 import json
@@ -312,11 +313,16 @@ def bench_predict(cfg, rank, work, runs, device):
     rss = script_peak_rss_mib(predict_args)
     tok = gpt2.load_tokenizer(folder)
     ids = torch.tensor([(tok.encode_ordinary(msg) * 3)[:30]], device=device)
-    model = model.to(device).eval()
+    unmerged_model = model.to(device).eval()
+    merged_model = copy.deepcopy(unmerged_model)
+    lora.merge_lora(merged_model)
+    unmerged, merged = [], []
     with torch.inference_mode():
-        unmerged = timed(lambda: model(ids), 20, warmup=3, device=device)
-        lora.merge_lora(model)
-        merged = timed(lambda: model(ids), 20, warmup=3, device=device)
+        for _ in range(3):  # warm-up
+            unmerged_model(ids), merged_model(ids)
+        for _ in range(20):  # alternate, so that the machine's drift affects both alike
+            unmerged += timed(lambda: unmerged_model(ids), 1, warmup=0, device=device)
+            merged += timed(lambda: merged_model(ids), 1, warmup=0, device=device)
     return {"cold_start_s": statistics.median(cold), "cold_start": summary(cold),
             "import_torch_s": statistics.median(torch_s), "import_torch": summary(torch_s),
             "latency_unmerged_s": statistics.median(unmerged), "latency_merged_s": statistics.median(merged),

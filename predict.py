@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object per message")
     p.add_argument("--model-dir", default=None, help="base model folder (default: the one named in the adapter)")
     p.add_argument("--cache-dir", default=None, help="download cache (see gpt2.py --help)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = p.parse_args(argv)
     if args.batch_size < 1:

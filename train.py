@@ -13,6 +13,7 @@ Usage:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -114,14 +115,14 @@ def parse_args(argv=None):
     gpt2.add_model_args(p)
     p.add_argument("--data", default=None, help="SMSSpamCollection, its zip, or your own .tsv/.csv "
                                                 "(default: download the official file once)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training messages")
+    p.add_argument("--batch-size", type=int, default=8, help="messages per optimizer step")
     p.add_argument("--lr", type=float, default=8e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate messages to this many tokens (default: the longest training message)")
-    p.add_argument("--no-bucket", dest="bucket", action="store_false",
-                   help="batch messages in random order instead of grouping similar lengths")
+    p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch messages of similar length together (less padding); --no-bucket: random batches")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the batch order and the init")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     p.add_argument("--out", default=DEFAULT_OUT, help="adapter file to write; metrics go to <out>.metrics.json")
