@@ -26,7 +26,6 @@ import copy
 import io
 import itertools
 import json
-import os
 import random
 import resource
 import statistics
@@ -382,11 +381,8 @@ def main(argv=None):
         if "peak" in sections:
             results["peak"]["after"] = measure_peak(cfg, device, runs, tokens)
     report(results)
-    out = Path(args.out)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_out, out)
-    print(f"\nWrote {out}")
+    gpt2.atomic_write(args.out, json.dumps(results, indent=2) + "\n")
+    print(f"\nWrote {args.out}")
 
 
 def report(r):

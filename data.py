@@ -60,9 +60,7 @@ def download_sms(cache_dir=None) -> Path:
         except gpt2.DownloadError as e:
             raise gpt2.DownloadError(f"{e}. Without internet, pass --data PATH to a local copy of "
                                      f"{SMS_MEMBER} (or its zip)") from None
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(_read_zip_member(archive))  # written under our own name, never the archive's
-    tmp.replace(target)
+    gpt2.atomic_write(target, _read_zip_member(archive))  # under our own name, never the archive's
     return target
 
 

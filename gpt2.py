@@ -504,9 +504,11 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
 _NP_TO_TF = {np.dtype(v): k for k, v in TF_DTYPES.items()}
 
 
-def _atomic_write(path: Path, data: bytes):
+def atomic_write(path, data: bytes | str):
+    """Write data to path through a temporary name, so path is never left half-written."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 
@@ -569,7 +571,7 @@ def write_tf_checkpoint(tensors: dict[str, np.ndarray], prefix, block_size=4096)
     os.replace(tmp, data_path)
     header = b"\x08\x01" + b"\x1a\x02\x08\x01"  # num_shards = 1, version { producer: 1 }
     index = _write_table([(b"", header)] + items, block_size=block_size)
-    _atomic_write(prefix.with_name(prefix.name + ".index"), index)
+    atomic_write(prefix.with_name(prefix.name + ".index"), index)
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], path):
@@ -615,8 +617,8 @@ def write_model_folder(folder, cfg: GPTConfig, tensors: dict[str, np.ndarray], f
         hparams = {"n_vocab": cfg.vocab_size, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
                    "n_head": cfg.n_heads, "n_layer": cfg.n_layers}
         write_tf_checkpoint({f"model/{k}": v for k, v in tensors.items()}, folder / "model.ckpt")
-        _atomic_write(folder / "checkpoint", b'model_checkpoint_path: "model.ckpt"\n')
-        _atomic_write(folder / "hparams.json", json.dumps(hparams, indent=2).encode())
+        atomic_write(folder / "checkpoint", 'model_checkpoint_path: "model.ckpt"\n')
+        atomic_write(folder / "hparams.json", json.dumps(hparams, indent=2))
     elif fmt == "hf":
         config = {"vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
                   "n_head": cfg.n_heads, "n_layer": cfg.n_layers}
@@ -627,7 +629,7 @@ def write_model_folder(folder, cfg: GPTConfig, tensors: dict[str, np.ndarray], f
             hf_name += ".weight" if name in ("wte", "wpe") else ""
             hf[hf_name] = array.reshape(array.shape[-2:]) if array.ndim == 3 else array
         write_safetensors(hf, folder / "model.safetensors")
-        _atomic_write(folder / "config.json", json.dumps(config, indent=2).encode())
+        atomic_write(folder / "config.json", json.dumps(config, indent=2))
     else:
         raise ValueError(f"unknown folder format {fmt!r}; choose openai or hf")
 
@@ -942,6 +944,16 @@ def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> P
     return folder
 
 
+def load_model_and_tokenizer(folder, device="cpu") -> tuple[GPTModel, tiktoken.Encoding]:
+    """load_gpt2 and load_tokenizer of one folder, checked to fit each other."""
+    tokenizer = load_tokenizer(folder)
+    model = load_gpt2(folder, device=device)
+    if tokenizer.n_vocab > model.cfg.vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {tokenizer.n_vocab:,} tokens but the model only "
+                              f"{model.cfg.vocab_size:,}; the BPE files belong to another model")
+    return model, tokenizer
+
+
 def model_folder(size="124M", model_dir=None, cache_dir=None, source="openai") -> Path:
     """The folder to load: model_dir when given (no network), else the cached download."""
     if model_dir is not None:
@@ -1025,8 +1037,7 @@ def main(argv=None):
         size = resolve_size(args.model)
         device = pick_device(args.device)
         folder = model_folder(size, args.model_dir, args.cache_dir, args.weights_source)
-        tokenizer = load_tokenizer(folder)
-        model = load_gpt2(folder, device=device)
+        model, tokenizer = load_model_and_tokenizer(folder, device=device)
     except (ValueError, OSError, DownloadError) as e:
         parser.exit(2, f"gpt2.py: error: {e}\n")
     ids = tokenizer.encode_ordinary(args.prompt)

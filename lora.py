@@ -153,7 +153,10 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
     count = wrap(model, "")
     unknown = [t for t in names or () if t not in matched]
     if unknown or count == 0:
-        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        def short(name):  # "trf_blocks.3.att.W_key" -> "W_key", "trf_blocks.3.ff.layers.0" -> "ff.layers.0"
+            parts = name.split(".")
+            return ".".join(parts[-3:]) if parts[-1].isdigit() else parts[-1]
+        linear_names = sorted({short(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(
             f"LoRA target {', '.join(unknown) or 'all'} matches no unadapted Linear layer; use all, "
             f"{', '.join(TARGET_GROUPS)} or names such as {', '.join(linear_names)}"

@@ -34,7 +34,7 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu"):
     if model_dir is None and meta.get("model_dir") and Path(meta["model_dir"]).is_dir():
         model_dir = meta["model_dir"]  # the folder it was trained on, if it is still there
     folder = gpt2.model_folder(meta.get("model", "124M"), model_dir, cache_dir, meta.get("weights_source", "openai"))
-    model = gpt2.load_gpt2(folder, device=device)
+    model, tokenizer = gpt2.load_model_and_tokenizer(folder, device=device)
     trained_on = meta.get("config")
     if trained_on and trained_on != {k: getattr(model.cfg, k) for k in trained_on}:
         raise ValueError(f"{adapter_path} was trained on another base model ({trained_on}); {folder} holds "
@@ -45,7 +45,7 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu"):
     lora.load_adapter(model, adapter_path, adapter=(meta, tensors))
     lora.merge_lora(model)
     lora.freeze_and_activate_lora(model)  # no LoRA is left, so this freezes everything
-    return model.eval(), gpt2.load_tokenizer(folder), meta
+    return model.eval(), tokenizer, meta
 
 
 @torch.inference_mode()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -99,12 +98,6 @@ def train_epoch(model, loader, optimizer, device, epoch, log_every):
     return total_loss / seen, correct / seen
 
 
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None):
     p = gpt2.ArgumentParser(prog="train.py", description="Fine-tune GPT-2 with LoRA to tell spam from ham.")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r")
@@ -159,8 +152,7 @@ def run(args):
     device = gpt2.pick_device(args.device)
     torch.manual_seed(args.seed)
     folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
-    tokenizer = gpt2.load_tokenizer(folder)
-    model = gpt2.load_gpt2(folder, device=device)
+    model, tokenizer = gpt2.load_model_and_tokenizer(folder, device=device)
     messages, replaced = data.read_messages(data.data_path(args.data, args.cache_dir))
     if replaced:
         print(f"note: {replaced:,} invalid UTF-8 sequence(s) in the data were replaced by U+FFFD", file=sys.stderr)
@@ -215,13 +207,15 @@ def run(args):
         print(f"False positives on the {len(preds):,} unused ham messages: {false_pos:,} "
               f"({100 * false_pos / len(preds):.2f}%)")
 
-    meta = {"model": args.model, "model_dir": str(folder.resolve()), "weights_source": args.weights_source,
+    # the size name predict.py would download if the folder is gone; from the folder's own shape
+    size = next((name for name, cfg in gpt2.GPT2_SIZES.items() if cfg == model.cfg), args.model)
+    meta = {"model": size, "model_dir": str(folder.resolve()), "weights_source": args.weights_source,
             "config": asdict(model.cfg), "targets": list(args.targets) if args.targets else "all",
             "max_length": max_length, "labels": list(data.LABELS), "seed": args.seed}
     out = Path(args.out)
     lora.save_adapter(model, out, meta)
     metrics["args"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    atomic_write_text(out.with_name(out.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
+    gpt2.atomic_write(out.with_name(out.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
     print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB) and metrics to {out}.metrics.json")
 
 
@@ -230,7 +224,8 @@ def main(argv=None):
     try:
         run(args)
     except KeyboardInterrupt:
-        sys.exit(f"\ntrain.py: interrupted; nothing was saved (an existing {args.out} is untouched)")
+        print(f"\ntrain.py: interrupted; nothing was saved (an existing {args.out} is untouched)", file=sys.stderr)
+        sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
     except (ValueError, OSError, gpt2.DownloadError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
