@@ -139,6 +139,8 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
         return bool(hits)
 
     def wrap(module, prefix):
+        # Replace children in their parent (setattr), depth first. An existing LinearWithLoRA is not
+        # entered, so its inner `linear` is never wrapped a second time.
         count = 0
         for child_name, child in module.named_children():
             full_name = prefix + child_name
@@ -171,6 +173,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
 def freeze_and_activate_lora(model: nn.Module):
     """Freeze every parameter, then make only the LoRA matrices A and B trainable."""
     for p in model.parameters():
+        # frozen tensors get no .grad at all, so backward computes only the input gradients through them
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
         layer.A.requires_grad_(True)
@@ -224,6 +227,7 @@ def _head_is_trained(model) -> bool:
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors an adapter file holds: every LoRA A and B, and out_head once it is no longer tied."""
     state = {name: p for name, p in model.named_parameters() if name.endswith((".lora.A", ".lora.B"))}
+    # a head still tied to tok_emb is GPT-2's own and needs no saving; a replaced one was trained
     if _head_is_trained(model):
         state.update({f"out_head.{n}": p for n, p in model.out_head.named_parameters()})
     return state
@@ -304,6 +308,7 @@ def load_adapter(model: nn.Module, path, adapter=None) -> dict:
         detail = "; ".join(x for x in (f"the model also adapts {short(missing)}" if missing else "",
                                        f"the file also has {short(extra)}" if extra else "") if x)
         raise ValueError(f"{path} was made for other LoRA targets or another model ({detail})")
+    # the same names can still hold other shapes: rank, head size or model width differ
     for name, param in state.items():
         if tuple(tensors[name].shape) != tuple(param.shape):
             what = "a classification head of another size" if name.startswith("out_head") else "another model size"

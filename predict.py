@@ -43,7 +43,7 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu"):
                                   targets=None if meta.get("targets") == "all" else meta.get("targets"))
     add_classification_head(model, num_classes=len(meta.get("labels", data.LABELS)))
     lora.load_adapter(model, adapter_path, adapter=(meta, tensors))
-    lora.merge_lora(model)
+    lora.merge_lora(model)  # W <- W + (alpha/r) (A B)^T: from here on it is a plain GPT-2
     lora.freeze_and_activate_lora(model)  # no LoRA is left, so this freezes everything
     return model.eval(), tokenizer, meta
 
@@ -52,14 +52,15 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu"):
 def classify(model, tokenizer, texts, max_length, device, batch_size=32) -> list[float]:
     """Spam probability of each text, in order; texts are batched by length and right-padded."""
     encoded = [tokenizer.encode_ordinary(t)[:max_length] for t in texts]
+    # batching by length keeps padding small; the results are the same in any order (causal attention)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     spam = [0.0] * len(texts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         input_ids, last_index, _ = data.collate([(encoded[i], 0) for i in rows], pad_id=tokenizer.eot_token)
         with autocast_for(device):
-            logits = logits_at_last_token(model, input_ids.to(device), last_index.to(device))
-        for i, p in zip(rows, torch.softmax(logits.float(), dim=-1)[:, 1].tolist()):
+            logits = logits_at_last_token(model, input_ids.to(device), last_index.to(device))  # (B, 2)
+        for i, p in zip(rows, torch.softmax(logits.float(), dim=-1)[:, 1].tolist()):  # P(spam)
             spam[i] = p
     return spam
 

@@ -34,12 +34,16 @@ DEFAULT_OUT = "spam_lora.pt"
 
 def add_classification_head(model: gpt2.GPTModel, num_classes: int):
     """Replace the 50,257-way LM head by a fresh, trainable (and no longer tied) num_classes-way one."""
+    # Assigning a new module unties it from tok_emb; a fresh nn.Linear is trainable by default, so
+    # after freeze_and_activate_lora the trainable set is exactly the LoRA matrices plus this head.
     model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=model.tok_emb.weight.device)
 
 
 def logits_at_last_token(model, input_ids, last_index):
     """Class logits (B, num_classes) read at each message's last real token."""
     logits = model(input_ids)  # (B, T, num_classes)
+    # Only the last real token has attended to the whole message (attention is causal); positions
+    # after it are padding. Row b takes position last_index[b]: (B, T, K) -> (B, K).
     return logits[torch.arange(len(last_index), device=logits.device), last_index]
 
 
@@ -58,7 +62,7 @@ def predict_loader(model, loader, device) -> tuple[list[int], list[int], list[fl
     for input_ids, last_index, y in loader:
         with autocast_for(device):
             logits = logits_at_last_token(model, input_ids.to(device), last_index.to(device))
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1)  # (B, 2): P(ham), P(spam)
         preds += probs.argmax(-1).tolist()
         spam_probs += probs[:, 1].tolist()
         labels += y.tolist()
@@ -67,6 +71,8 @@ def predict_loader(model, loader, device) -> tuple[list[int], list[int], list[fl
 
 def binary_metrics(preds, labels) -> dict:
     """Accuracy, and precision / recall / F1 for the spam class, from the 2x2 confusion matrix."""
+    # spam is the positive class: precision = how many flagged messages were spam, recall = how many
+    # spam messages were flagged
     tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
     fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
     fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
@@ -85,12 +91,13 @@ def train_epoch(model, loader, optimizer, device, epoch, log_every):
     for batch, (input_ids, last_index, labels) in enumerate(loader):
         input_ids, last_index, labels = input_ids.to(device), last_index.to(device), labels.to(device)
         with autocast_for(device):
-            logits = logits_at_last_token(model, input_ids, last_index)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
+            logits = logits_at_last_token(model, input_ids, last_index)  # (B, 2)
+        loss = nn.functional.cross_entropy(logits.float(), labels)  # the loss itself in float32
+        # set_to_none: gradients are freed between steps instead of being zeroed and kept
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(labels)
+        total_loss += loss.item() * len(labels)  # batches differ in size: weight by messages
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += len(labels)
         if batch % log_every == 0:
@@ -150,7 +157,7 @@ def parse_args(argv=None):
 
 def run(args):
     device = gpt2.pick_device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # LoRA's A and the new head are the only random initialisations
     folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
     model, tokenizer = gpt2.load_model_and_tokenizer(folder, device=device)
     messages, replaced = data.read_messages(data.data_path(args.data, args.cache_dir))
@@ -158,7 +165,7 @@ def run(args):
         print(f"note: {replaced:,} invalid UTF-8 sequence(s) in the data were replaced by U+FFFD", file=sys.stderr)
     splits = data.split_dataset(messages, seed=args.seed)
     if not args.eval_unused:
-        splits.pop("unused")
+        splits.pop("unused")  # 4,080 messages: not worth tokenizing unless asked for
     loaders = data.make_loaders(splits, tokenizer, batch_size=args.batch_size, seed=args.seed,
                                 max_length=args.max_length, bucket=args.bucket,
                                 context_length=model.cfg.context_length)
@@ -178,6 +185,8 @@ def run(args):
     lora.print_trainable_parameters(model)
     print()
 
+    # Only the trainable tensors go to the optimizer: the frozen 124M get no AdamW state at all
+    # (AdamW keeps two extra tensors per parameter, which would triple the model's memory).
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     history = []
@@ -213,7 +222,7 @@ def run(args):
             "config": asdict(model.cfg), "targets": list(args.targets) if args.targets else "all",
             "max_length": max_length, "labels": list(data.LABELS), "seed": args.seed}
     out = Path(args.out)
-    lora.save_adapter(model, out, meta)
+    lora.save_adapter(model, out, meta)  # only A, B and the head: 10.7 MB for rank 16 on 124M
     metrics["args"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     gpt2.atomic_write(out.with_name(out.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
     print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB) and metrics to {out}.metrics.json")
