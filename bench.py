@@ -203,7 +203,7 @@ def epoch_splits(quick):
 
 def bench_epoch(cfg, rank, device, quick):
     splits, tokenizer, source = epoch_splits(quick)
-    splits = {"train": splits["train"][:64] if quick else splits["train"]}
+    splits = {"train": splits["train"][:32] if quick else splits["train"]}
     results = {"data": source, "messages": len(splits["train"])}
     model = build_classifier(cfg, rank, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -214,7 +214,7 @@ def bench_epoch(cfg, rank, device, quick):
                                    context_length=cfg.context_length, **kwargs)["train"]
         batches = len(loader)
         # every fixed-padding batch has the same shape (8 x 120), so a few of them time them all
-        timed_batches = batches if name == "dynamic_bucketed" else min(batches, 2 if quick else 12)
+        timed_batches = batches if name == "dynamic_bucketed" else min(batches, 1 if quick else 12)
         with quiet:
             train.train_epoch(model, itertools.islice(loader, 1), optimizer, device, 1, 10**9)  # warm-up
             sync(device)
@@ -293,7 +293,7 @@ def script_peak_rss_mib(script_and_args) -> float:
     return float(last.split()[1])
 
 
-def bench_predict(cfg, rank, work, runs, device):
+def bench_predict(cfg, rank, work, runs, device, latency_pairs=20):
     folder = work / "model-openai"
     if not (folder / "hparams.json").exists():
         write_random_folder(cfg, folder, "openai")
@@ -319,7 +319,7 @@ def bench_predict(cfg, rank, work, runs, device):
     with torch.inference_mode():
         for _ in range(3):  # warm-up
             unmerged_model(ids), merged_model(ids)
-        for _ in range(20):  # alternate, so that the machine's drift affects both alike
+        for _ in range(latency_pairs):  # alternate, so that the machine's drift affects both alike
             unmerged += timed(lambda: unmerged_model(ids), 1, warmup=0, device=device)
             merged += timed(lambda: merged_model(ids), 1, warmup=0, device=device)
     return {"cold_start_s": statistics.median(cold), "cold_start": summary(cold),
@@ -357,29 +357,46 @@ def main(argv=None):
                "threads": torch.get_num_threads(), "torch": torch.__version__}
     sections = args.only or SECTIONS
     tokens = 8 * FIXED_T
+    wall = results["wall_seconds"] = {}
+    started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def clock(name):  # how long each section itself takes, so a user can plan a run
+        start = time.perf_counter()
+        yield
+        wall[name] = wall.get(name, 0.0) + time.perf_counter() - start
+
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         if "peak" in sections:
-            results["peak"] = {"before": measure_peak(cfg, device, runs, tokens)}
+            with clock("peak"):
+                results["peak"] = {"before": measure_peak(cfg, device, runs, tokens)}
         if "train_step" in sections or "memory" in sections:
             child = [sys.executable, str(HERE / "bench.py"), "--child", "train_step", "--model", args.model,
                      "--rank", str(args.rank), "--device", str(device)] + (["--quick"] if args.quick else [])
-            result = subprocess.run(child, capture_output=True, text=True, cwd=HERE)
+            with clock("train_step"):
+                result = subprocess.run(child, capture_output=True, text=True, cwd=HERE)
             if result.returncode:
                 sys.exit(f"bench.py: the train-step process failed: {result.stderr.strip()[-500:]}")
-            step = json.loads(result.stdout)
-            results["train_step"] = step
+            results["train_step"] = json.loads(result.stdout)
         if "epoch" in sections:
-            results["epoch"] = bench_epoch(cfg, args.rank, device, args.quick)
+            with clock("epoch"):
+                results["epoch"] = bench_epoch(cfg, args.rank, device, args.quick)
         if "load" in sections:
-            results["load"] = bench_load(cfg, work, runs)
+            with clock("load"):
+                results["load"] = bench_load(cfg, work, runs)
         if "predict" in sections or "memory" in sections:
-            results["predict"] = bench_predict(cfg, args.rank, work, runs, device)
+            with clock("predict"):
+                # --quick: one cold start and five latency pairs, enough to show it works
+                results["predict"] = bench_predict(cfg, args.rank, work, 1 if args.quick else 5, device,
+                                                   5 if args.quick else 20)
         if "memory" in sections:
             results["memory"] = {"train_peak_rss_mib": results["train_step"]["peak_rss_mib"],
                                  "predict_peak_rss_mib": results["predict"].get("peak_rss_mib")}
         if "peak" in sections:
-            results["peak"]["after"] = measure_peak(cfg, device, runs, tokens)
+            with clock("peak"):
+                results["peak"]["after"] = measure_peak(cfg, device, runs, tokens)
+    wall["total"] = time.perf_counter() - started
     report(results)
     gpt2.atomic_write(args.out, json.dumps(results, indent=2) + "\n")
     print(f"\nWrote {args.out}")
@@ -429,6 +446,9 @@ def report(r):
     print(f"bench.py: model {r['model']}, LoRA rank {r['rank']}, {r['device']}, {r['threads']} threads, torch {r['torch']}")
     for section, name, value in rows:
         print(f"  {section:<11} {name:<{width}}  {value}")
+    w = r.get("wall_seconds", {})
+    print("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in w.items() if k != "total")
+          + f"; total {w.get('total', 0):.1f} s (plus start-up)")
     print("\nTargets:")
     for label, ok in targets(r):
         print(f"  [{'met' if ok else 'MISSED'}] {label}")
