@@ -408,6 +408,27 @@ def test_real_gpt2_bpe_gives_openai_token_ids():
     assert tok.n_vocab == 50257
 
 
+@pytest.mark.skipif(not (SHARED / "gpt2-bpe" / "encoder.json").exists() or not (SHARED / "SMSSpamCollection").exists(),
+                    reason="../shared/data absent")
+def test_real_bpe_encodes_every_sms_like_tiktokens_own_gpt2_definition():
+    """tiktoken's own recipe for get_encoding("gpt2"), with the hash-checked files read from disk."""
+    import tiktoken
+    import tiktoken_ext.openai_public as openai_public
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        str(SHARED / "gpt2-bpe" / "vocab.bpe"), str(SHARED / "gpt2-bpe" / "encoder.json"),
+        vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+    reference = tiktoken.Encoding("gpt2", pat_str=openai_public.r50k_pat_str, mergeable_ranks=ranks,
+                                  special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+    ours = gpt2.load_tokenizer(SHARED / "gpt2-bpe")
+    texts = [text for text, _ in data.load_messages(SHARED / "SMSSpamCollection")]
+    texts += ["", " ", "  leading", "trailing  ", "tab\there", "new\nline", "I'm they're we've", "£1,000,000!!",
+              "\x92smart\x94 quotes", "emoji 🎉 and 日本語", "&lt;#&gt;", "<|endoftext|> as text"]
+    assert all(ours.encode_ordinary(t) == reference.encode_ordinary(t) for t in texts)
+
+
 # ----------------------------------------------------------------------------------------------
 # gpt2.py: downloads, against a local HTTP server on the loopback address
 
@@ -1144,6 +1165,19 @@ def test_predict_matches_the_unmerged_trained_model(trained, workdir):
         want = torch.softmax(model(torch.tensor([tok.encode_ordinary(text)]))[0, -1], -1)[1].item()
     result = run_script("predict.py", "--adapter", adapter, "--json", text)
     assert abs(json.loads(result.stdout)["spam_probability"] - want) < 1e-5
+
+
+def test_predict_rebuilds_an_adapter_with_other_targets_rank_and_alpha(workdir, tmp_path, capsys):
+    out = tmp_path / "qv.pt"
+    train.main(["--model-dir", str(workdir / "model"), "--data", str(workdir / "sms.txt"), "--epochs", "1",
+                "--rank", "3", "--alpha", "5", "--targets", "W_query,W_value", "--out", str(out)])
+    assert "trainable params: " + f"{3 * 2 * 2 * 32:,}" in capsys.readouterr().out  # 2 layers x 2 targets x r(16+16)
+    meta, tensors = lora.read_adapter(out)
+    assert meta["targets"] == ["W_query", "W_value"] and meta["rank"] == 3 and meta["alpha"] == 5
+    assert len([n for n in tensors if n.endswith(".lora.A")]) == 4
+    predict.main(["--adapter", str(out), "--json", "hello there"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["label"] in ("ham", "spam") and 0 <= row["spam_probability"] <= 1
 
 
 def test_predict_truncates_long_messages_with_a_note(trained):
