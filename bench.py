@@ -125,15 +125,7 @@ def make_step(model, optimizer, B, T, device):
     last = torch.full((B,), T - 1, device=device)
     labels = torch.randint(0, 2, (B,), generator=gen).to(device)
     model.train()
-
-    def step():
-        with train.autocast_for(device):
-            logits = train.logits_at_last_token(model, ids, last)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    return lambda: train.train_step(model, optimizer, ids, last, labels, device)  # train.py's own step
 
 
 def bench_train_step(cfg, rank, device, steps, peak_runs, warmup=2, B=8, T=FIXED_T):
@@ -190,7 +182,7 @@ class ByteTokenizer:
         return list(text.encode())
 
 
-def epoch_splits(quick):
+def epoch_splits():
     """The real training split and GPT-2's tokenizer when ../shared/data has them, else synthetic."""
     if (SHARED / "SMSSpamCollection").exists() and (SHARED / "gpt2-bpe" / "vocab.bpe").exists():
         splits = data.split_dataset(data.load_messages(SHARED / "SMSSpamCollection"), seed=42)
@@ -202,7 +194,7 @@ def epoch_splits(quick):
 
 
 def bench_epoch(cfg, rank, device, quick):
-    splits, tokenizer, source = epoch_splits(quick)
+    splits, tokenizer, source = epoch_splits()
     splits = {"train": splits["train"][:32] if quick else splits["train"]}
     results = {"data": source, "messages": len(splits["train"])}
     model = build_classifier(cfg, rank, device)

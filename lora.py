@@ -67,10 +67,20 @@ class LoRALayer(nn.Module):
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-    def forward(self, x):
+    def _dropped(self, x):
         if self.training and self.dropout > 0:  # no kernel launched at all when dropout is 0
             x = F.dropout(x, self.dropout)
-        return self.scaling * (x @ self.A @ self.B)  # (..., in) @ (in, r) @ (r, out)
+        return x
+
+    def forward(self, x):
+        return self.scaling * (self._dropped(x) @ self.A @ self.B)  # (..., in) @ (in, r) @ (r, out)
+
+    def add_to(self, h, x):
+        """h += forward(x), in place: the same sum without a second (..., out) tensor, which saves
+        a third of a training step's memory. (The .to casts: under bf16 autocast h is bf16.)"""
+        xa = self._dropped(x).reshape(-1, x.shape[-1]) @ self.A.to(x.dtype)  # (N, rank)
+        h.view(-1, h.shape[-1]).addmm_(xa.to(h.dtype), self.B.to(h.dtype), alpha=self.scaling)
+        return h
 
     def extra_repr(self):
         return f"rank={self.rank}, alpha={self.alpha}" + (f", dropout={self.dropout}" if self.dropout else "")
@@ -86,16 +96,8 @@ class LinearWithLoRA(nn.Module):
                               device=linear_layer.weight.device)
 
     def forward(self, x):
-        lora = self.lora
-        if lora.training and lora.dropout > 0:
-            return self.linear(x) + lora(x)
-        # The same sum, h = linear(x) + scaling * (x A) B, with the low-rank term added into the
-        # linear layer's output in place: no second (..., out) tensor is made and thrown away,
-        # which saves a third of the training step's memory. (.to: under bf16 autocast h is bf16.)
-        h = self.linear(x)
-        xa = x.reshape(-1, x.shape[-1]) @ lora.A.to(x.dtype)  # (B*T, rank)
-        h.view(-1, h.shape[-1]).addmm_(xa.to(h.dtype), lora.B.to(h.dtype), alpha=lora.scaling)
-        return h
+        # linear(x) + lora(x), with the update added into the linear layer's fresh output
+        return self.lora.add_to(self.linear(x), x)
 
 
 def parse_targets(targets) -> tuple[str, ...] | None:

@@ -44,20 +44,19 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu"):
     add_classification_head(model, num_classes=len(meta.get("labels", data.LABELS)))
     lora.load_adapter(model, adapter_path, adapter=(meta, tensors))
     lora.merge_lora(model)  # W <- W + (alpha/r) (A B)^T: from here on it is a plain GPT-2
-    lora.freeze_and_activate_lora(model)  # no LoRA is left, so this freezes everything
-    return model.eval(), tokenizer, meta
+    return model.requires_grad_(False).eval(), tokenizer, meta
 
 
 @torch.inference_mode()
-def classify(model, tokenizer, texts, max_length, device, batch_size=32) -> list[float]:
-    """Spam probability of each text, in order; texts are batched by length and right-padded."""
-    encoded = [tokenizer.encode_ordinary(t)[:max_length] for t in texts]
+def classify(model, pad_id, encoded, max_length, device, batch_size=32) -> list[float]:
+    """Spam probability of each tokenized message, in order; batched by length and right-padded."""
+    encoded = [ids[:max_length] for ids in encoded]  # the first max_length tokens, as in training
     # batching by length keeps padding small; the results are the same in any order (causal attention)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    spam = [0.0] * len(texts)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    spam = [0.0] * len(encoded)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, last_index, _ = data.collate([(encoded[i], 0) for i in rows], pad_id=tokenizer.eot_token)
+        input_ids, last_index, _ = data.collate([(encoded[i], 0) for i in rows], pad_id=pad_id)
         with autocast_for(device):
             logits = logits_at_last_token(model, input_ids.to(device), last_index.to(device))  # (B, 2)
         for i, p in zip(rows, torch.softmax(logits.float(), dim=-1)[:, 1].tolist()):  # P(spam)
@@ -99,12 +98,13 @@ def main(argv=None):
     except (ValueError, OSError, gpt2.DownloadError) as e:
         p.exit(2, f"predict.py: error: {e}\n")
     max_length = meta["max_length"]
-    long = sum(len(tokenizer.encode_ordinary(t)) > max_length for t in texts)
+    encoded = [tokenizer.encode_ordinary(t) for t in texts]
+    long = sum(len(ids) > max_length for ids in encoded)
     if long:
         print(f"note: {long} message(s) longer than {max_length} tokens were truncated to the first "
               f"{max_length}, as in training", file=sys.stderr)
     labels = meta.get("labels", list(data.LABELS))
-    for text, p_spam in zip(texts, classify(model, tokenizer, texts, max_length, device, args.batch_size)):
+    for text, p_spam in zip(texts, classify(model, tokenizer.eot_token, encoded, max_length, device, args.batch_size)):
         label = labels[1] if p_spam >= 0.5 else labels[0]
         if args.json:
             print(json.dumps({"text": text, "label": label, "spam_probability": round(p_spam, 6)}))

@@ -84,19 +84,25 @@ def binary_metrics(preds, labels) -> dict:
             "confusion": {"ham_as_ham": tn, "ham_as_spam": fp, "spam_as_ham": fn, "spam_as_spam": tp}}
 
 
+def train_step(model, optimizer, input_ids, last_index, labels, device):
+    """One optimizer step on one batch; returns (loss, logits (B, 2))."""
+    with autocast_for(device):
+        logits = logits_at_last_token(model, input_ids, last_index)  # (B, 2)
+    loss = nn.functional.cross_entropy(logits.float(), labels)  # the loss itself in float32
+    # set_to_none: gradients are freed between steps instead of being zeroed and kept
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
 def train_epoch(model, loader, optimizer, device, epoch, log_every):
     """One pass over the training data; returns (average loss, training accuracy)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for batch, (input_ids, last_index, labels) in enumerate(loader):
         input_ids, last_index, labels = input_ids.to(device), last_index.to(device), labels.to(device)
-        with autocast_for(device):
-            logits = logits_at_last_token(model, input_ids, last_index)  # (B, 2)
-        loss = nn.functional.cross_entropy(logits.float(), labels)  # the loss itself in float32
-        # set_to_none: gradients are freed between steps instead of being zeroed and kept
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, logits = train_step(model, optimizer, input_ids, last_index, labels, device)
         total_loss += loss.item() * len(labels)  # batches differ in size: weight by messages
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += len(labels)
