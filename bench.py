@@ -42,6 +42,7 @@ import torch
 import data
 import gpt2
 import lora
+import test_lora  # the checkpoint writers live beside the tests
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -107,10 +108,7 @@ def build_classifier(cfg, rank, device, seed=0):
         model = gpt2.GPTModel(cfg)
     model = model.to_empty(device=device)
     model.init_weights()
-    lora.replace_linear_with_lora(model, rank=rank, alpha=rank)
-    lora.freeze_and_activate_lora(model)
-    train.add_classification_head(model, 2)
-    return model
+    return lora.build_classifier(model, 2, rank=rank, alpha=rank)
 
 
 def step_flops(cfg, B, T, n_trainable):
@@ -125,7 +123,7 @@ def make_step(model, optimizer, B, T, device):
     last = torch.full((B,), T - 1, device=device)
     labels = torch.randint(0, 2, (B,), generator=gen).to(device)
     model.train()
-    return lambda: train.train_step(model, optimizer, ids, last, labels, device)  # train.py's own step
+    return lambda: train.train_step(model, optimizer, ids, last, labels)  # train.py's own step
 
 
 def bench_train_step(cfg, rank, device, steps, peak_runs, warmup=2, B=8, T=FIXED_T):
@@ -208,10 +206,10 @@ def bench_epoch(cfg, rank, device, quick):
         # every fixed-padding batch has the same shape (8 x 120), so a few of them time them all
         timed_batches = batches if name == "dynamic_bucketed" else min(batches, 1 if quick else 12)
         with quiet:
-            train.train_epoch(model, itertools.islice(loader, 1), optimizer, device, 1, 10**9)  # warm-up
+            train.train_epoch(model, list(itertools.islice(loader, 1)), optimizer, device, 1, 10**9)  # warm-up
             sync(device)
             start = time.perf_counter()
-            train.train_epoch(model, itertools.islice(loader, timed_batches), optimizer, device, 1, 10**9)
+            train.train_epoch(model, list(itertools.islice(loader, timed_batches)), optimizer, device, 1, 10**9)
             sync(device)
         seconds = (time.perf_counter() - start) * batches / timed_batches
         lengths = loader.dataset.lengths()
@@ -229,11 +227,11 @@ def bench_epoch(cfg, rank, device, quick):
 
 def random_tensors(cfg):
     rng = np.random.default_rng(0)
-    return {n: (rng.standard_normal(s, dtype=np.float32) * 0.02) for n, s in gpt2.checkpoint_shapes(cfg).items()}
+    return {n: (rng.standard_normal(s, dtype=np.float32) * 0.02) for n, s in test_lora.checkpoint_shapes(cfg).items()}
 
 
 def write_random_folder(cfg, folder, fmt, tensors=None):
-    gpt2.write_model_folder(folder, cfg, tensors or random_tensors(cfg), fmt=fmt)
+    test_lora.write_model_folder(folder, cfg, tensors or random_tensors(cfg), fmt=fmt)
     for name in ("encoder.json", "vocab.bpe"):
         if (SHARED / "gpt2-bpe" / name).exists():
             (folder / name).write_bytes((SHARED / "gpt2-bpe" / name).read_bytes())
@@ -292,11 +290,11 @@ def bench_predict(cfg, rank, work, runs, device, latency_pairs=20):
     if not (folder / "vocab.bpe").exists():
         return {"skipped": "needs ../shared/data/gpt2-bpe for the tokenizer"}
     model = gpt2.load_gpt2(folder)  # an adapter as train.py writes it, on this folder's weights
-    lora.replace_linear_with_lora(model, rank=rank, alpha=rank)
-    train.add_classification_head(model, 2)
-    adapter = work / "bench_adapter.pt"
+    lora.build_classifier(model, 2, rank=rank, alpha=rank)
+    adapter = work / "bench_adapter.safetensors"
     lora.save_adapter(model, adapter, {"model": "bench", "model_dir": str(folder), "config": asdict(cfg),
-                                       "targets": "all", "max_length": FIXED_T, "labels": list(data.LABELS)})
+                                       "targets": "all", "max_length": FIXED_T, "labels": list(data.LABELS),
+                                       "threshold": 0.5, "precision": "fp32"})
     msg = "Congratulations! You have won a free cruise, call 0800 123 456 now to claim your prize."
     predict_args = ["predict.py", "--adapter", str(adapter), "--device", "cpu", msg]
     torch_s = [run_timed([sys.executable, "-c", "import torch"]) for _ in range(runs)]

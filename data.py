@@ -17,13 +17,22 @@ Usage:
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("data.py: interrupted\n"), sys.exit(130)))
+
+import codecs
 import csv
 import functools
+import hashlib
 import io
 import random
+import re
 import statistics
-import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -35,8 +44,7 @@ SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip
 SMS_MEMBER = "SMSSpamCollection"
 LABELS = ("ham", "spam")  # label ids 0 and 1
 LABEL_IDS = {"ham": 0, "spam": 1, "0": 0, "1": 1}
-PAD_ID = 50256  # GPT-2's <|endoftext|>, the usual pad token: it never needs to mean anything here
-CONTEXT_LENGTH = 1024
+SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # of SMSSpamCollection
 
 
 class DataError(ValueError):
@@ -54,9 +62,14 @@ def download_sms(cache_dir=None) -> Path:
     if target.exists():
         return target
     archive = folder / "sms+spam+collection.zip"
+
+    def check(part):  # the zip itself has no published hash; the file inside it has
+        member = _read_zip_member(part)
+        if hashlib.sha256(member).hexdigest() != SMS_SHA256:
+            raise ValueError(f"its {SMS_MEMBER} is not the published file (sha256 differs)")
     if not archive.exists():
         try:
-            gpt2.download_file(SMS_URL, archive)
+            gpt2.download_file(SMS_URL, archive, check=check)
         except gpt2.DownloadError as e:
             raise gpt2.DownloadError(f"{e}. Without internet, pass --data PATH to a local copy of "
                                      f"{SMS_MEMBER} (or its zip)") from None
@@ -65,74 +78,308 @@ def download_sms(cache_dir=None) -> Path:
 
 
 def _read_zip_member(path: Path) -> bytes:
+    """The SMSSpamCollection member of a zip (also one inside a folder of the zip)."""
     try:
         with zipfile.ZipFile(path) as zf:
-            if SMS_MEMBER not in zf.namelist():
-                raise DataError(f"{path} has no member {SMS_MEMBER} (it holds {', '.join(zf.namelist()[:5]) or 'nothing'})")
-            return zf.read(SMS_MEMBER)
-    except zipfile.BadZipFile:
-        raise DataError(f"{path} is not a valid zip file") from None
+            return zf.read(_sms_member_name(path, zf.namelist()))
+    except (zipfile.BadZipFile, zlib.error, EOFError):
+        raise DataError(f"{path} is not a valid zip file (a damaged or partial download?); download it "
+                        f"again, or pass the unzipped {SMS_MEMBER}") from None
+    except (RuntimeError, NotImplementedError) as e:  # encrypted, or a compression zipfile lacks
+        raise DataError(f"{path}: cannot unzip {SMS_MEMBER} ({e}); unzip it with another tool and pass "
+                        "the file itself") from None
+
+
+def _sms_member_name(path: Path, names: list[str]) -> str:
+    if SMS_MEMBER in names:
+        return SMS_MEMBER
+    nested = [name for name in names if name.rsplit("/", 1)[-1] == SMS_MEMBER]
+    if len(nested) == 1:  # someone zipped the unzipped folder again
+        return nested[0]
+    if any(name.startswith("xl/") for name in names):  # an .xlsx file is a zip of XML parts
+        raise DataError(f"{path} is an Excel workbook, not a text file; save it from Excel as "
+                        "CSV UTF-8 and pass the .csv")
+    raise DataError(f"{path} is a zip archive that has no member {SMS_MEMBER} (it holds "
+                    f"{', '.join(names[:5]) or 'nothing'}); extract your data file and pass it with --data")
 
 
 # ----------------------------------------------------------------------------------------------
 # Parsing
+#
+# read_messages accepts what a learner is likely to pass as --data: the file itself, the official
+# zip (under any name), a folder that holds the file, or their own .tsv/.csv. It works in steps,
+# bytes -> text -> rows -> messages. Each step either undoes one known way a copy differs from the
+# original (a BOM, UTF-16, Windows-1252, CR line ends, commas, extra columns) or refuses the file
+# with one line that says what is wrong and how to fix it. What it had to guess becomes a note.
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty zip
+# Byte-order marks, longest first: the UTF-32-LE mark begins with the UTF-16-LE one.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
+         (codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+# Files people pass by mistake, known by their first bytes: (magic, what it is, the fix).
+_BINARY_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed data", "decompress it first (gunzip)"),
+    (b"\xfd7zXZ\x00", "xz-compressed data", "decompress it first (unxz)"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract the data file from it first"),
+    (b"\xd0\xcf\x11\xe0", "an old Excel or Word document", "save it from Excel as CSV UTF-8 and pass the .csv"),
+    (b"%PDF", "a PDF document", "pass the data file itself"),
+    (b"\x89PNG", "a PNG image", "pass the data file itself"),
+    (b"\xff\xd8\xff", "a JPEG image", "pass the data file itself"),
+)
+# Only these end a line. str.splitlines() would also split at U+2028, U+0085 (NEL), VT, FF and
+# more, which can sit inside an SMS text, and would cut such a message in two.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
+# Layouts of a row, tried in this order: (has an index column, the label's place among the rest:
+# 0 first, -1 last). The first is the original file's; an index column comes from pandas' to_csv.
+_LAYOUTS = ((False, 0), (True, 0), (True, -1), (False, -1))
 
 
 def _label_of(value: str):
     return LABEL_IDS.get(value.strip().lower())
 
 
-def read_messages(path) -> tuple[list[tuple[str, int]], int]:
-    """(messages, how many invalid UTF-8 sequences were replaced by U+FFFD) of a data file.
+def _windows_1252_table() -> dict[int, str]:
+    """Latin-1 -> Windows-1252: 0x80-0x9F become Windows' quotes, dashes, € and so on.
 
-    Accepts the SMSSpamCollection file itself (`label<TAB>text`), the official zip, or a user's
-    .tsv/.csv with a label column (ham/spam or 0/1) and a text column in either order; a header
-    line is skipped. Tab-separated lines are split on their first tab only, never with quote
-    handling: in the real file, a quoting parser merges three lines into one.
+    The five bytes Windows-1252 leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) stay as Latin-1
+    reads them, as web browsers do: so every byte decodes, and one odd byte cannot send a whole
+    file back to plain Latin-1, where the quotes would be invisible control characters.
     """
-    path = Path(path)
-    if not path.is_file():
+    table = {}
+    for byte in range(0x80, 0xA0):
+        try:
+            table[byte] = bytes([byte]).decode("cp1252")
+        except UnicodeDecodeError:
+            pass
+    return table
+
+
+_WINDOWS_1252 = _windows_1252_table()
+
+
+def _data_file(path: Path, notes: list[str]) -> Path:
+    """The file to read: path itself, or the SMSSpamCollection inside a folder passed instead."""
+    if path.is_dir():
+        inside = path / SMS_MEMBER
+        if inside.is_file():  # the unzipped official folder: no doubt which file was meant
+            notes.append(f"note: {path} is a folder; read the {SMS_MEMBER} file inside it")
+            return inside
+        names = ", ".join(sorted(p.name for p in path.iterdir())[:5]) or "nothing"
+        raise DataError(f"{path} is a folder, not a data file (it holds {names}); pass the {SMS_MEMBER} "
+                        "file inside it, or your own .tsv/.csv, with --data")
+    if not path.exists():
         raise DataError(f"data file {path} not found; check --data")
-    raw = _read_zip_member(path) if path.suffix.lower() == ".zip" else path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"data file {path} is empty")
-    lines = raw.split(b"\n")
-    replaced, texts = 0, []
-    for line in lines:
-        text = line.decode("utf-8", errors="replace")
-        replaced += text.count("\ufffd") - line.count("\ufffd".encode())
-        texts.append(text.removesuffix("\r"))
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(io.StringIO("\n".join(texts))))  # a user's CSV: real quoting rules
-        where = "comma"
+    if not path.is_file():
+        raise DataError(f"{path} is not a regular file; pass the {SMS_MEMBER} file with --data")
+    return path
+
+
+def _read_bytes(path: Path, notes: list[str]) -> tuple[bytes, str]:
+    """(bytes, suffix) of the data: a zip's SMSSpamCollection, whatever the zip is named, or the
+    file itself. The suffix (".csv", ".tsv", "" ...) is the data's own, not the zip's."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path} ({e.strerror or e}); check its permissions") from None
+    if path.suffix.lower() == ".zip":
+        return _read_zip_member(path), ""
+    if raw.startswith(_ZIP_MAGIC):  # e.g. the official zip saved under the name SMSSpamCollection
+        notes.append(f"note: {path} is a zip archive; read the {SMS_MEMBER} inside it")
+        return _read_zip_member(path), ""
+    return raw, path.suffix.lower()
+
+
+def _refuse_binary(raw: bytes, path: Path) -> None:
+    for magic, what, fix in _BINARY_MAGIC:
+        if raw.startswith(magic):
+            raise DataError(f"{path} is not a text file of messages: it is {what}; {fix}")
+    # Text has no NUL bytes; binary files almost always do (and so does UTF-16 without a BOM).
+    if b"\0" in raw:
+        raise DataError(f"{path} is not a text file of messages: it holds NUL bytes (binary data, or "
+                        f"UTF-16 without a byte-order mark); pass the {SMS_MEMBER} text file, or save "
+                        "your data as UTF-8 text")
+
+
+def _decode(raw: bytes, path: Path, notes: list[str]) -> str:
+    """The file's text: by its byte-order mark if it has one, else UTF-8, else Windows-1252."""
+    for bom, codec in _BOMS:
+        if raw.startswith(bom):  # Notepad and Excel write these; the mark itself is not text
+            if codec == "utf-8":
+                return _decode_utf8(raw[len(bom):], path, notes)
+            return _decode_utf16_or_32(raw[len(bom):], codec, path)
+    _refuse_binary(raw, path)
+    try:
+        return raw.decode("utf-8")  # the original file, and nearly every file today
+    except UnicodeDecodeError:
+        pass
+    if _mostly_not_utf8(raw):
+        notes.append(f"note: {path} is not UTF-8; read it as Latin-1 (Windows-1252, which puts quotes and "
+                     "dashes at 0x80-0x9F); save it as UTF-8 if its accents or symbols look wrong")
+        return raw.decode("latin-1").translate(_WINDOWS_1252)
+    return _decode_utf8(raw, path, notes)
+
+
+def _decode_utf8(raw: bytes, path: Path, notes: list[str]) -> str:
+    """UTF-8 text; a few invalid bytes become U+FFFD, with a note that says how many and where."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = len(_LINE_BREAK_BYTES.split(raw[:e.start]))
+    text = raw.decode("utf-8", errors="replace")
+    # a U+FFFD already in the file is valid text, not a replacement: leave it out of the count
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    notes.append(f"note: {replaced:,} invalid UTF-8 sequence(s) in {path} were replaced by U+FFFD "
+                 f"(the first on line {line})")
+    return text
+
+
+def _decode_utf16_or_32(raw: bytes, codec: str, path: Path) -> str:
+    name = codec[:6].upper()  # "UTF-16" or "UTF-32"
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as e:  # a BOM leaves no doubt about the encoding: refuse, don't guess
+        raise DataError(f"{path} starts with a {name} byte-order mark but is not valid {name} "
+                        f"({e.reason} near byte {e.start}; cut short?); save it again as UTF-8") from None
+
+
+def _mostly_not_utf8(raw: bytes) -> bool:
+    """Whether most lines with non-ASCII bytes are invalid UTF-8: then the file is Latin-1 or
+    Windows-1252, as Kaggle's spam.csv is. A UTF-8 file with a few stray bad bytes still has
+    mostly valid non-ASCII lines, and stays UTF-8 (ties too)."""
+    valid = invalid = 0
+    for line in _LINE_BREAK_BYTES.split(raw):
+        if not line.isascii():
+            try:
+                line.decode("utf-8")
+                valid += 1
+            except UnicodeDecodeError:
+                invalid += 1
+    return invalid > valid
+
+
+def _separator(lines: list[str], path: Path, suffix: str, notes: list[str]) -> str:
+    """Tab or comma: whichever is on more of the first 100 lines; a tie goes by the file's suffix.
+
+    The original file has a tab on every line and a comma on few; a CSV the other way round. So a
+    renamed file still parses, and a tab file is never read with CSV quoting (which would merge
+    lines of the original file at their quote marks).
+    """
+    sample = [line for line in lines[:100] if line.strip()]
+    tabs, commas = sum("\t" in line for line in sample), sum("," in line for line in sample)
+    by_name = "," if suffix == ".csv" else "\t"
+    if tabs == commas:
+        return by_name
+    found, name = ("\t", "tab") if tabs > commas else (",", "comma")
+    if found != by_name:
+        notes.append(f"note: {path} is {name}-separated despite its name; read it as such")
+    return found
+
+
+def _rows(text: str, sep: str, path: Path, notes: list[str]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank row; empty trailing fields beyond two are dropped."""
+    if sep == "\t":  # split only: in a tab file a quote mark is part of the text
+        rows = [(number, line.split("\t")) for number, line in enumerate(text.split("\n"), start=1)]
     else:
-        rows = [t.split("\t", 1) if _label_of(t.split("\t", 1)[0]) is not None else t.rsplit("\t", 1) for t in texts]
-        where = "tab"
-    messages, found = [], set()
-    for number, fields in enumerate(rows, start=1):
-        if not any(f.strip() for f in fields):
-            continue  # blank lines, e.g. at the end of the file
-        if len(fields) < 2:
-            raise DataError(f"{path}, line {number}: no {where} between the label and the text")
-        if _label_of(fields[0]) is not None:
-            label, text = _label_of(fields[0]), (",".join(fields[1:]) if where == "comma" else fields[1])
-        elif _label_of(fields[-1]) is not None:
-            label, text = _label_of(fields[-1]), (",".join(fields[:-1]) if where == "comma" else fields[0])
-        elif number == 1 and not messages:
-            continue  # a header line such as "label<TAB>text"
-        else:
-            found.update(f.strip()[:20] for f in (fields[0], fields[-1]))
-            raise DataError(f"{path}, line {number}: unknown label; found {', '.join(sorted(map(repr, found)))}, "
-                            "expected ham/spam or 0/1")
-        if not text.strip():
-            raise DataError(f"{path}, line {number}: the message text is empty")
-        messages.append((text, label))
+        rows = _csv_rows(text, path, notes)
+    for _, fields in rows:
+        while len(fields) > 2 and not fields[-1]:  # Kaggle's ",,,"; a spreadsheet's empty columns
+            fields.pop()
+    return [(number, fields) for number, fields in rows if any(f.strip() for f in fields)]
+
+
+def _csv_rows(text: str, path: Path, notes: list[str]) -> list[tuple[int, list[str]]]:
+    """A user's CSV, with real quoting rules (a quoted text may hold commas, "" and newlines)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, start = [], 1
+    try:
+        for fields in reader:
+            rows.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e}); check the quotes there") from None
+    spanning = [number for number, fields in rows if any("\n" in f for f in fields)]
+    if spanning:  # legal, but an unclosed quote swallows the lines after it in just this way
+        notes.append(f"note: {path}: {len(spanning):,} quoted text(s) span several lines, the first on line "
+                     f"{spanning[0]}; if that is not meant, a quote mark there is not closed")
+    return rows
+
+
+def _fits(fields: list[str], layout) -> bool:
+    has_index, at = layout
+    if has_index:
+        if not fields[0].strip().isdigit():
+            return False
+        fields = fields[1:]
+    return len(fields) >= 2 and _label_of(fields[at]) is not None
+
+
+def _layout(rows: list[tuple[int, list[str]]]):
+    """The layout that most rows fit; ties go to the order of _LAYOUTS, except that a header with
+    an empty or "Unnamed: 0" first column (pandas' index) puts the layouts with an index first."""
+    first = rows[0][1][0].strip()
+    order = _LAYOUTS
+    if first == "" or first.startswith("Unnamed: "):
+        order = sorted(_LAYOUTS, key=lambda layout: not layout[0])  # stable: keeps the order within
+    return max(order, key=lambda layout: sum(_fits(fields, layout) for _, fields in rows))
+
+
+def _message(fields: list[str], layout, sep: str, where: str) -> tuple[str, int]:
+    """(text, label) of one row; where is "file, line n" for the error messages."""
+    has_index, at = layout
+    body = fields[1:] if has_index else fields
+    name, shown = ("tab", "<TAB>") if sep == "\t" else ("comma", ",")
+    if len(body) < 2:
+        raise DataError(f"{where}: no {name} between the label and the text; write each message as "
+                        f"label{shown}text")
+    label = _label_of(body[at])
+    if label is None:
+        found = sorted({repr(f.strip()[:20]) for f in (body[0], body[-1])})
+        raise DataError(f"{where}: unknown label; found {', '.join(found)}, expected ham/spam or 0/1 "
+                        "in the first or last column")
+    # a comma file's text may have been cut at its commas into more columns: join them back
+    text = sep.join(body[1:] if at == 0 else body[:-1])
+    if not text.strip():
+        raise DataError(f"{where}: the message text is empty; remove the line or give it a text")
+    return text, label
+
+
+def read_messages(path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(messages, notes) of a data file: (text, label) pairs, ham = 0, spam = 1, and one line per
+    thing the caller should tell the user (each starts with "note: "; print them on stderr).
+
+    Accepts the SMSSpamCollection file itself (`label<TAB>text`), the official zip (by content,
+    whatever its name), a folder that holds SMSSpamCollection, or a user's .tsv/.csv: label
+    column ham/spam or 0/1, first or last, an optional header line, an optional leading index
+    column, in UTF-8 (with or without BOM), UTF-16/32 with BOM, or Latin-1/Windows-1252, with
+    LF, CRLF or CR line ends. Tab-separated lines are only split at tabs, never with quote
+    handling: in the real file, a quoting parser merges three lines into one. Anything else
+    raises DataError with one line: the file, what is wrong, and the fix.
+    """
+    notes = []
+    path = _data_file(Path(path), notes)
+    raw, suffix = _read_bytes(path, notes)
+    text = _LINE_BREAK.sub("\n", _decode(raw, path, notes))
+    if not text.strip():
+        raise DataError(f"data file {path} is empty (or only whitespace); pass the {SMS_MEMBER} file, "
+                        "one `label<TAB>text` message per line")
+    sep = _separator(text.split("\n"), path, suffix, notes)
+    rows = _rows(text, sep, path, notes)
+    layout = _layout(rows)
+    if len(rows[0][1]) >= 2 and not _fits(rows[0][1], layout):
+        rows = rows[1:]  # a header line such as "label<TAB>text" or Kaggle's "v1,v2,,,"
+    messages = [_message(fields, layout, sep, f"{path}, line {number}") for number, fields in rows]
+    _check_classes(messages, path)
+    return messages, notes
+
+
+def _check_classes(messages: list[tuple[str, int]], path: Path) -> None:
     if not messages:
-        raise DataError(f"data file {path} holds no messages")
+        raise DataError(f"data file {path} holds no messages, only a header line; add `label<TAB>text` lines")
     classes = {label for _, label in messages}
     if len(classes) < 2:
-        raise DataError(f"{path} has only {LABELS[classes.pop()]} messages; a classifier needs both ham and spam")
-    return messages, replaced
+        raise DataError(f"{path} has only {LABELS[classes.pop()]} messages; a classifier needs both ham and "
+                        "spam: pass the whole data file")
 
 
 def load_messages(path) -> list[tuple[str, int]]:
@@ -180,17 +427,17 @@ class SpamDataset(Dataset):
     """Messages tokenized once; items are (token ids, label).
 
     max_length: truncate longer messages to their first max_length tokens; default the longest
-    message here, capped at GPT-2's context (1,024 tokens).
+    message here, capped at the model's context_length.
     """
 
-    def __init__(self, messages, tokenizer, max_length=None):
+    def __init__(self, messages, tokenizer, max_length=None, context_length=None):
         self.labels = [label for _, label in messages]
         # encode_ordinary: a message that contains "<|endoftext|>" is just text, not a special token
         encoded = [tokenizer.encode_ordinary(text) for text, _ in messages]  # once, not every epoch
         if any(not ids for ids in encoded):
             raise DataError("a message has no tokens; every message needs some text")
         longest = max((len(ids) for ids in encoded), default=1)
-        self.max_length = min(longest, CONTEXT_LENGTH) if max_length is None else max_length
+        self.max_length = min(longest, context_length or longest) if max_length is None else max_length
         if self.max_length < 1:
             raise DataError(f"max_length must be at least 1, got {self.max_length}")
         self.truncated = sum(len(ids) > self.max_length for ids in encoded)
@@ -206,10 +453,11 @@ class SpamDataset(Dataset):
         return [len(ids) for ids in self.encoded]
 
 
-def collate(batch, pad_id=PAD_ID, pad_to=None):
+def collate(batch, pad_id, pad_to=None):
     """Right-pad a list of (ids, label) to the longest in the batch (or to pad_to, if longer).
 
-    Returns input_ids (B, T) int64, last_index (B,) — where each message's last real token is —
+    pad_id: the tokenizer's <|endoftext|> (tokenizer.eot_token), GPT-2's usual pad token; what it
+    holds never matters, since the logits are read before it. Returns input_ids (B, T) int64, last_index (B,) — where each message's last real token is —
     and labels (B,).
     """
     T = max(max(len(ids) for ids, _ in batch), pad_to or 0)
@@ -252,7 +500,7 @@ class BucketBatchSampler(Sampler):
 
 
 def make_loaders(splits, tokenizer, batch_size=8, seed=42, max_length=None, bucket=True,
-                 pad_to=None, context_length=CONTEXT_LENGTH) -> dict[str, DataLoader]:
+                 pad_to=None, context_length=1024) -> dict[str, DataLoader]:
     """DataLoaders for every non-empty split; train is shuffled with a generator seeded by seed.
 
     max_length defaults to the longest training message (capped at context_length); the other
@@ -262,7 +510,7 @@ def make_loaders(splits, tokenizer, batch_size=8, seed=42, max_length=None, buck
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     if max_length is None:
-        max_length = min(SpamDataset(splits["train"], tokenizer).max_length, context_length)
+        max_length = SpamDataset(splits["train"], tokenizer, context_length=context_length).max_length
     if max_length > context_length:
         raise DataError(f"max_length {max_length} exceeds the model's context of {context_length} tokens")
     pad = functools.partial(collate, pad_id=tokenizer.eot_token, pad_to=pad_to)
@@ -299,6 +547,10 @@ def tokenizer_folder(model_dir=None, cache_dir=None) -> Path:
 
 
 def main(argv=None):
+    gpt2.run_cli(lambda: report(parse_args(argv)), "data.py", expected=(DataError,))
+
+
+def parse_args(argv):
     parser = gpt2.ArgumentParser(prog="data.py", description="Show what training will see of the SMS data.")
     parser.add_argument("--data", default=None, help="SMSSpamCollection, its zip, or your own .tsv/.csv "
                                                      "(default: download the official file once)")
@@ -307,26 +559,31 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42, help="seed of the balance and split")
     parser.add_argument("--max-length", type=int, default=None, help="default: the longest training message")
     args = parser.parse_args(argv)
-    if args.max_length is not None and not 1 <= args.max_length <= CONTEXT_LENGTH:
-        parser.error(f"--max-length must be between 1 and {CONTEXT_LENGTH}")
-    try:
-        path = data_path(args.data, args.cache_dir)
-        messages, replaced = read_messages(path)
-        splits = split_dataset(messages, seed=args.seed)
-        tokenizer = gpt2.load_tokenizer(tokenizer_folder(args.model_dir, args.cache_dir))
-        train = SpamDataset(splits["train"], tokenizer, max_length=args.max_length)
-    except (ValueError, OSError, gpt2.DownloadError) as e:
-        parser.exit(2, f"data.py: error: {e}\n")
+    if args.max_length is not None and not 1 <= args.max_length <= gpt2.CONFIG_BOUNDS["context_length"]:
+        parser.error("--max-length must be at least 1 (and at most the model's context)")
+    if not 0 <= args.seed < 2**63:
+        parser.error("--seed must be between 0 and 2**63 - 1")
+    return args
 
+
+def report(args):
+    path = data_path(args.data, args.cache_dir)
+    messages, notes = read_messages(path)
+    splits = split_dataset(messages, seed=args.seed)
+    tokenizer = gpt2.load_tokenizer(tokenizer_folder(args.model_dir, args.cache_dir))
+    train = SpamDataset(splits["train"], tokenizer, max_length=args.max_length)
     n_spam = sum(label for _, label in messages)
     print(f"{path}: {len(messages):,} messages ({len(messages) - n_spam:,} ham, {n_spam:,} spam)")
-    if replaced:
-        print(f"note: {replaced:,} invalid UTF-8 sequence(s) were replaced by U+FFFD")
+    for note in notes:
+        print(note, file=sys.stderr)
     print(f"Max length: {train.max_length} tokens"
           + (" (the longest training message)" if args.max_length is None else " (--max-length)"))
     print(f"\nBalanced split, seed {args.seed}:")
     print(f"  {'split':<7} {'total':>6} {'ham':>6} {'spam':>6}   tokens min / median / max   truncated")
     for name, split in splits.items():
+        if not split:  # balanced data leave no unused messages
+            print(f"  {name:<7} {0:>6}")
+            continue
         ds = SpamDataset(split, tokenizer, max_length=train.max_length)
         full = [len(tokenizer.encode_ordinary(t)) for t, _ in split]
         spam = sum(label for _, label in split)
@@ -342,7 +599,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("data.py: interrupted")
+    main()

@@ -1,17 +1,10 @@
 """GPT-2 in plain PyTorch, loaded straight from OpenAI's own checkpoint files.
 
-This file holds the whole model and everything needed to fill it with OpenAI's weights:
-
-  1. the model (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"):
-     token + position embeddings, pre-norm transformer blocks, a final LayerNorm and an output
-     head tied to the token embedding;
-  2. a reader for TensorFlow's V2 checkpoint format (a LevelDB-style ``.index`` table plus a
-     ``.data`` file of raw tensors) written from the format's public description, so that
-     TensorFlow itself is never needed, and a reader for Hugging Face's ``model.safetensors``;
-  3. a short, table-driven mapping from checkpoint names to module names;
-  4. the GPT-2 byte-level BPE tokenizer, built from the folder's own files with tiktoken;
-  5. a resumable download of the official files into a cache folder;
-  6. a command line that continues a prompt, to check that the weights loaded right.
+Read it from the top: the configuration, the model (Radford et al. 2019, "Language Models are
+Unsupervised Multitask Learners"), GPT-2 as a classifier, loading OpenAI's weights through a short
+name table, the BPE tokenizer, the download, the command-line conventions the scripts share, and,
+as an appendix, the two file formats read without their libraries: TensorFlow's V2 checkpoint
+(a LevelDB table of protobuf entries plus raw data) and Hugging Face's safetensors.
 
 Usage:
     python gpt2.py "Every effort moves you" --max-new-tokens 25
@@ -20,15 +13,24 @@ Usage:
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("gpt2.py: interrupted\n"), sys.exit(130)))
+
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
 import re
+import secrets
+import signal
 import struct
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
-# Configuration
+# 1. Configuration
 
 
 @dataclass(frozen=True)
@@ -59,23 +61,42 @@ GPT2_SIZES = {
     "1558M": GPTConfig(emb_dim=1600, n_heads=25, n_layers=48),
 }
 SIZE_ALIASES = {"gpt2-small": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+# What a config file may ask for, checked before anything is allocated: generous for GPT-2-like
+# models, but a typo such as n_layer 2000000000 must not allocate until the machine dies.
+CONFIG_BOUNDS = {"vocab_size": 1_000_000, "context_length": 65_536, "emb_dim": 16_384,
+                 "n_heads": 1_024, "n_layers": 1_024}
 
 
 def resolve_size(name: str) -> str:
     """Turn a size name or alias ("gpt2-small") into one of the keys of GPT2_SIZES."""
     size = SIZE_ALIASES.get(name, name)
     if size not in GPT2_SIZES:
-        valid = ", ".join([*GPT2_SIZES, *SIZE_ALIASES])
-        raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {valid}")
+        raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join([*GPT2_SIZES, *SIZE_ALIASES])}")
     return size
 
 
+def check_config(values: dict, where: str) -> GPTConfig:
+    """A GPTConfig from {field: value}, each a true int within CONFIG_BOUNDS (not a bool or 32.7)."""
+    for key, value in values.items():
+        if type(value) is not int or not 1 <= value <= CONFIG_BOUNDS[key]:
+            raise CheckpointError(f"{where}: {key} is {value!r}; expected a whole number from 1 to "
+                                  f"{CONFIG_BOUNDS[key]:,}")
+    if values["emb_dim"] % values["n_heads"]:
+        raise CheckpointError(f"{where}: emb_dim {values['emb_dim']} is not divisible by n_heads {values['n_heads']}")
+    return GPTConfig(**values)
+
+
 # ----------------------------------------------------------------------------------------------
-# The model
+# 2. The model
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal self-attention: softmax(Q K^T / sqrt(d_head) + causal mask) V, over n_heads heads."""
+    """Causal self-attention over n_heads heads, each of size d_head = d_out / n_heads:
+
+        Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + M) V,   M[t, s] = -inf for s > t
+
+    (Vaswani et al. 2017, eq. 1, with GPT's causal mask M so that token t sees only tokens 0..t.)
+    """
 
     def __init__(self, d_in, d_out, n_heads, dropout=0.0, qkv_bias=False):
         super().__init__()
@@ -94,8 +115,9 @@ class MultiHeadAttention(nn.Module):
         q = self.W_query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.W_key(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.W_value(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        # is_causal masks out future positions, so token t only sees tokens 0..t; that is also
-        # why right padding never changes the outputs at real tokens
+        # The equation above in one fused kernel: scores = q @ k^T / sqrt(head_dim) (B, H, T, T),
+        # masked above the diagonal (is_causal), softmax over the last axis, then @ v (B, H, T, head_dim).
+        # The mask is also why right padding never changes the outputs at real tokens.
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
@@ -184,9 +206,9 @@ class GPTModel(nn.Module):
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=None, generator=None):
     """Append up to max_new_tokens tokens to idx (B, T). temperature 0 means greedy decoding."""
-    context = model.pos_emb.num_embeddings
+    context = model.cfg.context_length
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context:])[:, -1, :]  # only the last position predicts: (B, V)
+        logits = model(idx[:, -context:])[:, -1, :].float()  # only the last position predicts: (B, V)
         if temperature == 0.0:
             next_id = logits.argmax(dim=-1, keepdim=True)
         else:
@@ -202,7 +224,592 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, eos_id=Non
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading TensorFlow V2 checkpoints without TensorFlow
+# 3. GPT-2 as a classifier
+
+
+def add_classification_head(model: GPTModel, num_classes: int):
+    """Replace the 50,257-way LM head by a fresh, trainable (and no longer tied) num_classes-way one."""
+    # A new module unties out_head from tok_emb; a fresh nn.Linear is trainable and float32, whatever
+    # the frozen model's dtype, so the head trains in full precision.
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=model.tok_emb.weight.device)
+
+
+def logits_at_last_token(model, input_ids, last_index):
+    """Class logits (B, num_classes), float32, read at each message's last real token."""
+    logits = model(input_ids)  # (B, T, num_classes)
+    # Only the last real token has attended to the whole message (attention is causal); positions
+    # after it are padding. Row b takes position last_index[b]: (B, T, K) -> (B, K).
+    return logits[torch.arange(len(last_index), device=logits.device), last_index].float()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Loading OpenAI's weights
+#
+# Both checkpoint layouts are first turned into OpenAI's names without the "model/" scope
+# (HF "h.0.attn.c_attn.weight" -> "h0/attn/c_attn/w"). OpenAI wrote its linear layers as Conv1D
+# with weights (1, in, out); nn.Linear wants (out, in), hence the transpose, and c_attn packs the
+# query, key and value projections side by side along "out", hence the three-way split.
+
+TOP_TABLE = [
+    ("wte", "tok_emb.weight", False),  # also the tied out_head.weight
+    ("wpe", "pos_emb.weight", False),
+    ("ln_f/g", "final_norm.weight", False),
+    ("ln_f/b", "final_norm.bias", False),
+]
+BLOCK_TABLE = [  # (name under h{i}/, module name(s) under trf_blocks.{i}., is a Conv1D weight)
+    ("ln_1/g", "norm1.weight", False),
+    ("ln_1/b", "norm1.bias", False),
+    ("attn/c_attn/w", ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"), True),
+    ("attn/c_attn/b", ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"), False),
+    ("attn/c_proj/w", "att.out_proj.weight", True),
+    ("attn/c_proj/b", "att.out_proj.bias", False),
+    ("ln_2/g", "norm2.weight", False),
+    ("ln_2/b", "norm2.bias", False),
+    ("mlp/c_fc/w", "ff.layers.0.weight", True),
+    ("mlp/c_fc/b", "ff.layers.0.bias", False),
+    ("mlp/c_proj/w", "ff.layers.2.weight", True),
+    ("mlp/c_proj/b", "ff.layers.2.bias", False),
+]
+# The two config files and their names for (vocab_size, context_length, emb_dim, n_heads, n_layers)
+CONFIG_FILES = {"hparams.json": ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"),
+                "config.json": ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer")}
+# HF files also carry buffers (the causal mask) and the tied lm_head, which hold no new weights
+HF_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|lm_head\.weight)$")
+
+
+def weight_table(n_layers: int):
+    """The full mapping for n_layers blocks: [(checkpoint name, module name(s), is_conv)]."""
+    table = [(ckpt, (module,), conv) for ckpt, module, conv in TOP_TABLE]
+    for i in range(n_layers):
+        for ckpt, module, conv in BLOCK_TABLE:
+            names = module if isinstance(module, tuple) else (module,)
+            table.append((f"h{i}/{ckpt}", tuple(f"trf_blocks.{i}.{m}" for m in names), conv))
+    return table
+
+
+def read_config(model_dir) -> GPTConfig:
+    """The model's shape from OpenAI's hparams.json (or, failing that, HF's config.json)."""
+    model_dir = Path(model_dir)
+    for file_name, keys in CONFIG_FILES.items():
+        path = model_dir / file_name
+        if path.exists():
+            try:
+                hp = json.loads(path.read_bytes())
+                values = {field: hp[key] for field, key in zip(CONFIG_BOUNDS, keys)}
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{path}: not a GPT-2 {file_name} ({type(e).__name__}: {e}); "
+                                      "restore the file that came with the weights") from None
+            return check_config(values, str(path))
+    raise CheckpointError(f"{model_dir}: missing hparams.json (the model's shape)")
+
+
+def read_checkpoint(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The folder's weights with OpenAI's names (no "model/" scope), and which file they came from."""
+    if (model_dir / "checkpoint").exists() or list(model_dir.glob("*.index")):
+        tensors = read_tf_checkpoint(model_dir)
+        return {k.removeprefix("model/"): v for k, v in tensors.items()}, "TensorFlow checkpoint"
+    if (model_dir / "model.safetensors").exists():
+        tensors = read_safetensors(model_dir / "model.safetensors")
+        return {_hf_to_openai(k): v for k, v in tensors.items() if not HF_IGNORED.search(k)}, "model.safetensors"
+    raise CheckpointError(
+        f"{model_dir} holds no weights: expected OpenAI's checkpoint files (checkpoint, "
+        "model.ckpt.index, model.ckpt.data-00000-of-00001) or a model.safetensors"
+    )
+
+
+def _hf_to_openai(name: str) -> str:
+    # "h.3.ln_1.weight" -> "h3/ln_1/g", "h.3.mlp.c_fc.bias" -> "h3/mlp/c_fc/b", "wte.weight" -> "wte"
+    name = name.removeprefix("transformer.")
+    if name in ("wte.weight", "wpe.weight"):
+        return name.removesuffix(".weight")
+    name = re.sub(r"^h\.(\d+)\.", r"h\1/", name).replace(".", "/")
+    is_norm = re.search(r"ln_(\d|f)/(weight|bias)$", name) is not None
+    return re.sub(r"/weight$", "/g" if is_norm else "/w", re.sub(r"/bias$", "/b", name))
+
+
+def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
+    """Build GPT-2 from a model folder (OpenAI's files or a model.safetensors), in eval mode.
+
+    The model is built on the meta device (no memory, no random initialisation), then the
+    checkpoint's tensors become its parameters: views of the memory-mapped file where the layout
+    allows, so a float32 load copies nothing on the CPU. dtype: the parameters' dtype; a bfloat16
+    model is cast once here, tensor by tensor, and keeps no float32 copy.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model folder {model_dir} does not exist; check --model-dir")
+    cfg = read_config(model_dir)
+    tensors, source = read_checkpoint(model_dir)
+    table = weight_table(cfg.n_layers)
+    missing, extra = {c for c, _, _ in table} - tensors.keys(), tensors.keys() - {c for c, _, _ in table}
+    if missing or extra:
+        parts = [f"missing {listing(missing)}" if missing else "", f"unexpected {listing(extra)}" if extra else ""]
+        raise CheckpointError(f"{model_dir}: the {source} does not match its config ({cfg.n_layers} layers): "
+                              + "; ".join(p for p in parts if p))
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = {}
+    for ckpt, names, conv in table:
+        if tensors[ckpt].dtype.kind != "f":
+            raise CheckpointError(f"{model_dir}: tensor {ckpt} holds {tensors[ckpt].dtype}, not floating-point weights")
+        t = torch.from_numpy(tensors[ckpt])
+        if conv and t.dim() == 3:
+            t = t.reshape(t.shape[-2:]).T  # Conv1D (1, in, out) -> Linear (out, in), a view
+        elif conv and t.dim() == 2:
+            t = t.T  # HF keeps Conv1D weights as (in, out)
+        parts = t.chunk(len(names), dim=0) if t.dim() and t.shape[0] % len(names) == 0 else (t,)
+        for name, part in zip(names, parts):
+            if len(parts) != len(names) or tuple(part.shape) != shapes[name]:
+                raise CheckpointError(
+                    f"{model_dir}: tensor {ckpt} of shape {tuple(tensors[ckpt].shape)} does not fit {name} "
+                    f"{shapes[name]} (config: n_embd={cfg.emb_dim}, n_vocab={cfg.vocab_size}, n_ctx={cfg.context_length})")
+            if dtype == torch.float32:
+                state[name] = part.float()  # a view of the file when it holds float32: no copy
+            else:  # c_attn, c_proj, c_fc (the matmuls) in dtype, the rest float32; copies, so that
+                # the file's pages are let go once loading ends and no float32 matrix stays alive
+                state[name] = part.to(dtype if "/c_" in ckpt else torch.float32, copy=True)
+    state["out_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters: tie them again
+    return model.to(device).eval()
+
+
+def load_model_and_tokenizer(folder, device="cpu", dtype=torch.float32) -> tuple[GPTModel, tiktoken.Encoding]:
+    """load_gpt2 and load_tokenizer of one folder, checked to fit each other."""
+    tokenizer = load_tokenizer(folder)
+    model = load_gpt2(folder, device=device, dtype=dtype)
+    if tokenizer.n_vocab > model.cfg.vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {tokenizer.n_vocab:,} tokens but the model only "
+                              f"{model.cfg.vocab_size:,}; the BPE files belong to another model")
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Tokenizer: GPT-2's byte-level BPE, from the folder's encoder.json + vocab.bpe
+
+# GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, each with one leading space
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character, so that BPE files are plain text.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are
+    given the characters from U+0100 on, in byte order (so a space is written "Ġ").
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def load_tokenizer(model_dir) -> tiktoken.Encoding:
+    """A tiktoken Encoding from encoder.json + vocab.bpe (or HF's vocab.json + merges.txt), offline."""
+    model_dir = Path(model_dir)
+    for vocab_name, merges_name in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+        if (model_dir / vocab_name).is_file() and (model_dir / merges_name).is_file():
+            break
+    else:
+        raise CheckpointError(f"{model_dir}: missing the tokenizer files encoder.json and vocab.bpe")
+    try:
+        encoder = json.loads((model_dir / vocab_name).read_text(encoding="utf-8"))
+        merges = (model_dir / merges_name).read_text(encoding="utf-8").split("\n")
+        if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
+            raise ValueError("expected a JSON object of token -> id")
+    except ValueError as e:
+        raise CheckpointError(f"{model_dir / vocab_name}: not a GPT-2 tokenizer file ({str(e)[:100]})") from None
+    if ENDOFTEXT not in encoder:
+        raise CheckpointError(f"{model_dir / vocab_name}: has no {ENDOFTEXT} token")
+    alphabet = {ch: chr(b) for b, ch in bytes_to_unicode().items()}
+    tokens = [token for token in encoder if token != ENDOFTEXT]
+    stray = set("".join(tokens)) - alphabet.keys()
+    if stray:
+        raise CheckpointError(f"{model_dir / vocab_name}: character {min(stray)!r} is outside GPT-2's byte alphabet")
+    # each character stands for one byte: map it back to chr(byte), then Latin-1 turns that into the byte.
+    # tiktoken merges by rank, and GPT-2's ids are ranks: merge k of vocab.bpe is token 256 + k
+    to_byte = str.maketrans(alphabet)
+    ranks = {token.translate(to_byte).encode("latin-1"): encoder[token] for token in tokens}
+    merges = [line.removesuffix("\r") for line in merges if line and not line.startswith("#version")]
+    for k, line in enumerate(merges):
+        first, _, second = line.partition(" ")
+        if encoder.get(first + second) != 256 + k:
+            raise CheckpointError(f"{model_dir / merges_name}: merge {k + 1} ({line!r}) disagrees with {vocab_name}")
+    try:
+        return tiktoken.Encoding(name=f"gpt2-{model_dir.name}", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={ENDOFTEXT: encoder[ENDOFTEXT]})
+    except ValueError as e:  # e.g. two tokens with one id
+        raise CheckpointError(f"{model_dir / vocab_name}: not a consistent vocabulary ({str(e)[:100]})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Download into a cache folder, every file verified before it gets its final name
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched (no network, server error, an incomplete or corrupt transfer)."""
+
+
+OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
+# The index comes before the data file, whose tensors are checked against its CRCs. The loader never
+# reads model.ckpt.meta (TensorFlow's graph), so it is not fetched.
+OPENAI_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.index",
+                "model.ckpt.data-00000-of-00001", "vocab.bpe")
+HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+HF_REPOS = {"124M": "openai-community/gpt2", "355M": "openai-community/gpt2-medium",
+            "774M": "openai-community/gpt2-large", "1558M": "openai-community/gpt2-xl"}
+HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+# sha256 of files whose bytes are known (the BPE files are the same for every size; see README)
+KNOWN_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "124M/checkpoint": "dd1b025d2e155283f5e300ce95bf6d5b6bc0f7fe010db73daa6975eb896ab9cb",
+    "124M/hparams.json": "097db6ed93a3d9b8a32532fca9e564c703bed00c73908ecc49d1b05db2199606",
+    "124M/model.ckpt.index": "71916f763f9746f9b2a06b12d91996cf1084ae008d0424543d39391c5f2dc687",
+}
+CACHE_ENV = "GPT2_LORA_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """$GPT2_LORA_CACHE, else $XDG_CACHE_HOME/gpt2-lora, else ~/.cache/gpt2-lora."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gpt2-lora"
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _announced_sha256(response) -> str | None:
+    """The sha256 that the Hugging Face hub announces for a large (LFS) file, if it does."""
+    for r in (*response.history, response):  # the hub says it on the first answer, before redirecting
+        etag = r.headers.get("X-Linked-Etag", "").strip('"').removeprefix("W/").strip('"')
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            return etag
+    return None
+
+
+def _fetch(url, part: Path, timeout, progress) -> tuple[int | None, str | None]:
+    """Append url's bytes to part (resuming with a Range request); return (total size or None,
+    announced sha256 or None). Raises DownloadError when the server refuses."""
+    import requests  # here, not at the top: it adds 0.15 s to every start of predict.py, which never downloads
+
+    done = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={done}-"} if done else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416:  # the partial file is no prefix of this one: start over
+            part.unlink()
+            raise requests.ConnectionError("the server refused to resume")
+        if r.status_code >= 400:
+            raise DownloadError(f"could not download {url}: HTTP {r.status_code} {r.reason}")
+        if r.status_code == 206:  # Content-Range: bytes start-end/total
+            total, mode = int(r.headers["Content-Range"].rsplit("/", 1)[1]), "ab"
+        else:  # 200: the server sends the whole file, whatever we asked for
+            length = r.headers.get("Content-Length")
+            total, done, mode = (int(length) if length else None), 0, "wb"
+        started, shown, start_bytes = time.monotonic(), 0.0, done
+        with open(part, mode) as f:
+            for chunk in r.iter_content(chunk_size=1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                now = time.monotonic()
+                if progress and (now - shown > 0.5 or done == total):
+                    shown, rate = now, (done - start_bytes) / 1e6 / max(now - started, 1e-6)
+                    of_total = f" / {total / 1e6:,.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
+                    print(f"\r  {part.name.removesuffix('.part')}: {done / 1e6:,.1f}{of_total} {rate:.1f} MB/s",
+                          end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+        chunked = "chunked" in r.headers.get("Transfer-Encoding", "")  # requests raises on a cut chunked body
+        return (total if total is not None or not chunked else part.stat().st_size), _announced_sha256(r)
+
+
+def download_file(url: str, dest, sha256=None, check=None, retries=3, timeout=(10, 60), backoff=2.0,
+                  progress=True) -> Path:
+    """Stream url to dest through dest.part, resuming a partial file; verify; then rename into place.
+
+    dest appears only once the whole file is there: with the size the server announced, the sha256
+    given (or announced by the hub), and passing check(path) (which raises ValueError when the bytes
+    are wrong). A transfer whose end cannot be known (no Content-Length) must be checked by sha256.
+    """
+    import requests
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part, error = dest.with_name(dest.name + ".part"), None
+    for attempt in range(retries):
+        if attempt:
+            time.sleep(backoff * attempt)
+        try:
+            total, announced = _fetch(url, part, timeout, progress)
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            error = str(e) if "refused to resume" in str(e) else type(e).__name__
+            continue
+        size, expected = part.stat().st_size, sha256 or announced
+        if total is not None and size != total:
+            error = f"got {size:,} of {total:,} bytes"
+            continue
+        try:
+            if total is None and expected is None and check is None:
+                raise ValueError("the server did not say how long the file is, so a cut transfer cannot be told apart")
+            if expected and sha256_of(part) != expected:
+                raise ValueError(f"its sha256 is not the expected {expected[:16]}…")
+            if check:
+                check(part)
+        except ValueError as e:
+            part.unlink(missing_ok=True)  # never resume from bad bytes
+            raise DownloadError(f"{url} arrived corrupt ({e}); nothing was kept: run the command again") from None
+        os.replace(part, dest)
+        return dest
+    raise DownloadError(f"could not download {url} after {retries} tries ({error})")
+
+
+def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> Path:
+    """Fetch one GPT-2 size into the cache (once) and return its folder.
+
+    source "openai": OpenAI's release files (a TensorFlow checkpoint, each tensor checked against the
+    CRC-32C in its index); source "hf": the same weights as model.safetensors from the Hugging Face
+    hub (checked against the sha256 the hub announces). files: only these of the folder's files.
+    """
+    size = resolve_size(size)
+    if source not in ("openai", "hf"):
+        raise ValueError(f"unknown weights source {source!r}; choose openai or hf")
+    folder = Path(cache_dir or default_cache_dir()) / ("gpt2" if source == "openai" else "gpt2-hf") / size
+    all_files = OPENAI_FILES if source == "openai" else HF_FILES
+    for name in files or all_files:
+        if (folder / name).exists():  # a file only gets its final name once it is complete and checked
+            continue
+        url = OPENAI_URL.format(size=size, file=name) if source == "openai" else HF_URL.format(repo=HF_REPOS[size], file=name)
+        check = None
+        if name.startswith("model.ckpt.data"):
+            check = lambda part: verify_tf_data(folder / "model.ckpt.index", part)  # noqa: E731
+        try:
+            download_file(url, folder / name, sha256=KNOWN_SHA256.get(name) or KNOWN_SHA256.get(f"{size}/{name}"),
+                          check=check)
+        except DownloadError as e:
+            raise DownloadError(f"{e}. Without internet, point --model-dir at a local copy of the model folder "
+                                f"({', '.join(all_files)})") from None
+    return folder
+
+
+def model_folder(size="124M", model_dir=None, cache_dir=None, source="openai") -> Path:
+    """The folder to load: model_dir when given (no network), else the cached download."""
+    if model_dir is not None:
+        if not Path(model_dir).is_dir():
+            raise CheckpointError(f"model folder {model_dir} does not exist or is not a folder; check --model-dir")
+        return Path(model_dir)
+    return download_gpt2(size, cache_dir=cache_dir, source=source)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Conventions the command-line scripts share: errors, Ctrl-C, devices, precision, safe writes
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: …)" unless there is no default to show or the help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in --help and one-line errors (exit code 2)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=_HelpFormatter, **kwargs)
+
+    def error(self, message):
+        fail(self.prog, f"{message} (see --help)")
+
+
+def fail(prog: str, message) -> None:
+    """The one way a script stops on bad input: one line on stderr, exit code 2."""
+    text = " ".join(str(message).split())  # one line, whatever the message held
+    sys.stderr.write(f"{prog}: error: {text}\n")
+    sys.exit(2)
+
+
+def run_cli(main, prog: str, expected=(), interrupted="interrupted"):
+    """Run main(); Ctrl-C ends in one line and exit code 130 (the shell's "stopped by SIGINT"),
+    the expected errors in one line and exit code 2, a closed output pipe quietly."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{prog}: {interrupted}\n")
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. piped into head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except (ValueError, OSError, DownloadError, *expected) as e:
+        fail(prog, e)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C back while the block runs (e.g. renames that must happen together); the list it
+    yields is non-empty afterwards when a Ctrl-C came meanwhile, for the caller to act on."""
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+
+
+def available_devices() -> list[str]:
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names + (["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
+
+
+def pick_device(name="auto") -> torch.device:
+    """auto: CUDA if present, then Apple's MPS, then the CPU; any other name must be usable here."""
+    usable = available_devices()
+    if name == "auto":
+        return torch.device("cuda" if "cuda:0" in usable else "mps" if "mps" in usable else "cpu")
+    try:
+        device = torch.device(name)
+        key = device.type if device.type in ("cpu", "mps") else f"{device.type}:{device.index or 0}"
+    except (RuntimeError, ValueError):
+        key = None
+    if key not in usable:
+        raise ValueError(f"device {name!r} cannot be used by this torch; available: {', '.join(['auto', *usable])}")
+    return device
+
+
+PRECISION_HELP = "auto (bf16 where a bf16 matmul runs at least 1.5x faster than fp32 here), bf16 or fp32"
+
+
+def bf16_speedup(device, m=256, k=768, n=3072, runs=3) -> float:
+    """How many times faster a bf16 (m, k) @ (k, n) matmul runs than a float32 one: model-like
+    shapes, best of runs after a warm-up (noise only ever slows a run). About 0.05 s on a CPU."""
+    def best(dtype):
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        times = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            (a @ b).sum().item()  # .item() waits for the device to finish
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def choose_precision(requested: str, device: torch.device, speedup=bf16_speedup) -> tuple[str, str]:
+    """("fp32" or "bf16", why). auto: bf16 on a GPU that has it; on a CPU only where a short
+    measurement shows bf16 at least 1.5x faster (some CPUs run it 4-5x faster, others 2x slower)."""
+    if requested in ("fp32", "bf16"):
+        return requested, "as asked"
+    if device.type == "cuda":
+        return ("bf16", "this GPU supports it") if torch.cuda.is_bf16_supported() else ("fp32", "this GPU lacks bf16")
+    if device.type != "cpu":
+        return "fp32", f"bf16 is not measured on {device.type}"
+    ratio = speedup(device)
+    if ratio >= 1.5:
+        return "bf16", f"a bf16 matmul runs {ratio:.1f}x faster than fp32 here"
+    return "fp32", f"a bf16 matmul runs only {ratio:.2f}x as fast as fp32 here"
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16: matmuls in bfloat16 (the float32 LoRA and head weights are cast on the fly, their
+    master copies and AdamW's state stay float32); fp32: nothing changes."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def add_model_args(parser):
+    parser.add_argument("--model", default="124M",
+                        help="GPT-2 size: 124M, 355M, 774M, 1558M (or gpt2-small, -medium, -large, -xl)")
+    parser.add_argument("--model-dir", default=None,
+                        help="a local model folder (OpenAI's files or a model.safetensors); no download")
+    parser.add_argument("--weights-source", choices=("openai", "hf"), default="openai",
+                        help="where to download from: OpenAI's TensorFlow files or Hugging Face's safetensors")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"download cache (default: ${CACHE_ENV}, else $XDG_CACHE_HOME/gpt2-lora "
+                             "or ~/.cache/gpt2-lora)")
+
+
+def listing(names, limit=6) -> str:
+    """"a, b, c and 4 more": a short, sorted list of names for an error message."""
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def atomic_write(path, data) -> Path:
+    """Write data (bytes, str, or a function that writes to a binary file) to path through a
+    temporary file of a unique name, then rename it into place: path is never half-written, two
+    writers never mix, and on any error nothing is replaced and no temporary file is left."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def main(argv=None):
+    run_cli(lambda: generate_cli(argv), "gpt2.py")
+
+
+def generate_cli(argv):
+    parser = ArgumentParser(prog="gpt2.py", description="Continue a prompt with GPT-2 (a check that the weights load right).")
+    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=25, help="how many tokens to add")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
+    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
+    parser.add_argument("--seed", type=int, default=123, help="random seed for sampling")
+    add_model_args(parser)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        parser.error('the prompt is empty; give some text, e.g. python gpt2.py "Every effort moves you"')
+    if not 1 <= args.max_new_tokens <= 100_000:
+        parser.error("--max-new-tokens must be between 1 and 100,000")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error("--temperature must be 0 (greedy) or a finite number above 0")
+    if args.top_k is not None and args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    if not 0 <= args.seed < 2**63:
+        parser.error("--seed must be between 0 and 2**63 - 1")
+    size = resolve_size(args.model)
+    device = pick_device(args.device)
+    model, tokenizer = load_model_and_tokenizer(model_folder(size, args.model_dir, args.cache_dir,
+                                                             args.weights_source), device=device)
+    ids = tokenizer.encode_ordinary(args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    context = model.cfg.context_length
+    if len(ids) > context:
+        print(f"note: the prompt has {len(ids):,} tokens; keeping the last {context:,}", file=sys.stderr)
+        ids = ids[-context:]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, eos_id=tokenizer.eot_token, generator=generator)
+    print(tokenizer.decode(out[0].tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Appendix A. TensorFlow V2 checkpoints, read without TensorFlow
 #
 # A checkpoint "model.ckpt" is two files:
 #   model.ckpt.index                  a LevelDB-format sorted table, tensor name -> BundleEntryProto
@@ -225,7 +832,10 @@ class CheckpointError(ValueError):
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # two BlockHandles of at most 10 + 10 bytes each, padded to 40, + 8-byte magic
 BLOCK_TRAILER_SIZE = 5
-
+# Field numbers of tensorflow/core/protobuf/tensor_bundle.proto and tensor_shape.proto
+HEADER_NUM_SHARDS, HEADER_ENDIANNESS = 1, 2
+ENTRY_DTYPE, ENTRY_SHAPE, ENTRY_SHARD_ID, ENTRY_OFFSET, ENTRY_SIZE, ENTRY_CRC32C, ENTRY_SLICES = 1, 2, 3, 4, 5, 6, 7
+SHAPE_DIM, DIM_SIZE = 2, 1
 # TensorFlow DataType enum values (tensorflow/core/framework/types.proto) that map onto numpy
 TF_DTYPES = {
     1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8,
@@ -233,28 +843,82 @@ TF_DTYPES = {
 }
 TF_DTYPE_BFLOAT16 = 14
 
-
-def _make_crc32c_table():
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):  # Castagnoli polynomial, bit-reflected
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
+# CRC-32C (Castagnoli), bit-reflected: TABLES[k][b] is the CRC step of byte b followed by k zero bytes
+_CRC_POLY = 0x82F63B78
 
 
-_CRC32C_TABLE = _make_crc32c_table()
+def _crc_tables(n=8) -> np.ndarray:
+    first = []
+    for b in range(256):
+        c = b
+        for _ in range(8):
+            c = (c >> 1) ^ _CRC_POLY if c & 1 else c >> 1
+        first.append(c)
+    tables = [np.array(first, np.uint32)]
+    for _ in range(n - 1):  # one more zero byte: crc' = T0[crc & 0xFF] ^ (crc >> 8)
+        t = tables[-1]
+        tables.append(tables[0][t & 0xFF] ^ (t >> 8))
+    return np.stack(tables)  # (8, 256)
 
 
-def crc32c(data: bytes) -> int:
+_CRC_TABLES = _crc_tables()
+
+
+def crc32c(data) -> int:
+    """CRC-32C of bytes or a uint8 array, 8 bytes per step ("slicing-by-8") across many lanes at once.
+
+    The buffer is cut into equal lanes whose CRCs are computed side by side (one numpy operation
+    per 8 bytes for all lanes), then joined: for a CRC without pre/post inversion,
+    crc(a + b) = crc(a) shifted through len(b) zero bytes, xor crc(b), which is linear in crc(a).
+    """
+    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
     crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    lane = 1 << 12
+    n_lanes = len(buf) // lane if len(buf) >= 64 * lane else 0  # lanes pay off only on large buffers
+    if n_lanes:
+        lanes = _crc_lanes(buf[:n_lanes * lane].reshape(n_lanes, lane))  # each from 0, no inversion
+        shift = _zeros_operator(lane)
+        for part in lanes.tolist():  # join left to right: crc <- shift(crc) ^ part
+            crc = _apply(shift, crc) ^ part
+        buf = buf[n_lanes * lane:]
+    for byte in buf.tobytes():  # the short tail (under 4 KiB) byte by byte
+        crc = int(_CRC_TABLES[0][(crc ^ byte) & 0xFF]) ^ (crc >> 8)
     return crc ^ 0xFFFFFFFF
 
 
-def masked_crc32c(data: bytes) -> int:
+def _crc_lanes(block: np.ndarray) -> np.ndarray:
+    """(L, n) uint8 -> (L,) uint32: the CRC of each row from state 0, 8 bytes a step."""
+    crc = np.zeros(len(block), np.uint32)
+    words = block.view("<u4").astype(np.uint32)  # (L, n/4)
+    for j in range(0, words.shape[1], 2):
+        low = words[:, j] ^ crc
+        high = words[:, j + 1]
+        crc = (_CRC_TABLES[7][low & 0xFF] ^ _CRC_TABLES[6][(low >> 8) & 0xFF] ^ _CRC_TABLES[5][(low >> 16) & 0xFF]
+               ^ _CRC_TABLES[4][low >> 24] ^ _CRC_TABLES[3][high & 0xFF] ^ _CRC_TABLES[2][(high >> 8) & 0xFF]
+               ^ _CRC_TABLES[1][(high >> 16) & 0xFF] ^ _CRC_TABLES[0][high >> 24])
+    return crc
+
+
+def _zeros_operator(n: int) -> list[int]:
+    """The 32 columns of the GF(2) matrix that runs a CRC state through n zero bytes."""
+    columns = []
+    for bit in range(32):
+        c = 1 << bit
+        for _ in range(n):
+            c = int(_CRC_TABLES[0][c & 0xFF]) ^ (c >> 8)
+        columns.append(c)
+    return columns
+
+
+def _apply(columns, crc: int) -> int:
+    out = 0
+    for bit in range(32):
+        if crc >> bit & 1:
+            out ^= columns[bit]
+    return out
+
+
+def masked_crc32c(data) -> int:
     # LevelDB stores CRCs rotated and offset, so a CRC of data that itself holds CRCs stays useful
     crc = crc32c(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
@@ -274,16 +938,6 @@ def _varint(buf, pos, where):
             return result, pos
 
 
-def _encode_varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int64 values take ten bytes, as in protobuf
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _parse_proto(buf, where):
     """Decode a protobuf message into {field number: [values]} (ints, or bytes for messages)."""
     fields, pos = {}, 0
@@ -292,13 +946,12 @@ def _parse_proto(buf, where):
         number, wire = tag >> 3, tag & 7
         if wire == 0:
             value, pos = _varint(buf, pos, where)
-        elif wire == 1:
-            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire in (1, 5):  # fixed64, fixed32
+            size = 8 if wire == 1 else 4
+            value, pos = int.from_bytes(buf[pos:pos + size], "little"), pos + size
         elif wire == 2:
             length, pos = _varint(buf, pos, where)
             value, pos = bytes(buf[pos:pos + length]), pos + length
-        elif wire == 5:
-            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
         else:
             raise CheckpointError(f"{where}: unsupported protobuf wire type {wire}")
         if pos > len(buf):
@@ -309,11 +962,9 @@ def _parse_proto(buf, where):
 
 def _read_block(table: bytes, offset: int, size: int, where: str) -> bytes:
     """Return one block's contents after checking its bounds, compression type and checksum."""
-    end = offset + size + BLOCK_TRAILER_SIZE
-    if end > len(table) - FOOTER_SIZE:
+    if offset + size + BLOCK_TRAILER_SIZE > len(table) - FOOTER_SIZE:
         raise CheckpointError(f"{where}: block at offset {offset:,} runs past the end (file truncated?)")
-    contents = table[offset:offset + size]
-    kind = table[offset + size]
+    contents, kind = table[offset:offset + size], table[offset + size]
     (stored_crc,) = struct.unpack_from("<I", table, offset + size + 1)
     if masked_crc32c(contents + bytes([kind])) != stored_crc:
         raise CheckpointError(f"{where}: checksum mismatch in block at offset {offset:,} (file corrupt)")
@@ -345,14 +996,13 @@ def _block_entries(block: bytes, where: str):
 
 def _read_table(path: Path) -> dict[bytes, bytes]:
     """Read a whole LevelDB-format table file (the .index file) into a dict."""
-    table = path.read_bytes()
-    where = str(path)
+    table, where = path.read_bytes(), str(path)
     if len(table) < FOOTER_SIZE:
         raise CheckpointError(f"{where}: only {len(table)} bytes, too short for a checkpoint index")
-    footer = table[-FOOTER_SIZE:]
-    if int.from_bytes(footer[-8:], "little") != TABLE_MAGIC:
+    if int.from_bytes(table[-8:], "little") != TABLE_MAGIC:
         raise CheckpointError(f"{where}: wrong magic number, not a TensorFlow checkpoint index")
-    _, pos = _varint(footer, 0, where)  # metaindex handle: unused by checkpoints
+    footer = table[-FOOTER_SIZE:]
+    _, pos = _varint(footer, 0, where)  # the metaindex handle: unused by checkpoints
     _, pos = _varint(footer, pos, where)
     index_offset, pos = _varint(footer, pos, where)
     index_size, pos = _varint(footer, pos, where)
@@ -368,26 +1018,15 @@ def _checkpoint_prefix(path: Path) -> Path:
     """Find the checkpoint prefix ("…/model.ckpt") from a folder, a prefix or an .index path."""
     if path.is_dir():
         state = path / "checkpoint"  # text file: model_checkpoint_path: "model.ckpt"
-        if state.exists():
+        if state.is_file():
             match = re.search(r'model_checkpoint_path:\s*"([^"]+)"', state.read_text(errors="replace"))
-            if match:
-                # the name may be absolute (as TensorFlow writes it) from another machine: use it
-                # relative to this folder
+            if match:  # TensorFlow may have written an absolute path of another machine: use the name
                 return path / Path(match.group(1)).name
         indexes = sorted(path.glob("*.index"))
         if len(indexes) != 1:
             raise CheckpointError(f"{path}: expected one *.index checkpoint file, found {len(indexes)}")
         return indexes[0].with_suffix("")
-    if path.suffix == ".index":
-        return path.with_suffix("")
-    return path
-
-
-def _as_array(raw: np.ndarray, offset: int, np_dtype, shape, where) -> np.ndarray:
-    """View count elements of raw (uint8 memmap) at offset as np_dtype with shape; no copy."""
-    itemsize = np.dtype(np_dtype).itemsize
-    nbytes = math.prod(shape) * itemsize
-    return raw[offset:offset + nbytes].view(np_dtype).reshape(shape)
+    return path.with_suffix("") if path.suffix == ".index" else path
 
 
 def _bfloat16_to_float32(u16: np.ndarray) -> np.ndarray:
@@ -396,47 +1035,53 @@ def _bfloat16_to_float32(u16: np.ndarray) -> np.ndarray:
 
 
 def _memmap(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
     if path.stat().st_size == 0:
         return np.zeros(0, np.uint8)
     # copy-on-write: the file stays untouched and the pages are read only when a tensor is used
     return np.memmap(path, dtype=np.uint8, mode="c")
 
 
-def read_tf_checkpoint(path) -> dict[str, np.ndarray]:
-    """Read every tensor of a TensorFlow V2 checkpoint as numpy arrays, names and shapes as stored.
-
-    path: a folder holding the checkpoint, its prefix ("…/model.ckpt") or its .index file.
-    The arrays are memory-mapped views of the data file. Sizes, offsets, dtypes and every block
-    checksum of the index are checked; the per-tensor data checksums are not (a crc32c over half a
-    gigabyte is too slow in pure Python), but a truncated data file is always caught.
-    """
-    prefix = _checkpoint_prefix(Path(path))
-    index_path = prefix.with_name(prefix.name + ".index")
-    if not index_path.exists():
-        raise CheckpointError(f"checkpoint index {index_path} not found")
+def _tf_entries(index_path: Path):
+    """Yield (name, dtype id, shape, shard, offset, size, masked crc or None) of every tensor."""
     entries = _read_table(index_path)
     if b"" not in entries:
         raise CheckpointError(f"{index_path}: no bundle header, not a TensorFlow V2 checkpoint")
     header = _parse_proto(entries.pop(b""), str(index_path))
-    n_shards = header.get(1, [1])[0]
-    if header.get(2, [0])[0] != 0:
+    if header.get(HEADER_ENDIANNESS, [0])[0] != 0:
         raise CheckpointError(f"{index_path}: big-endian checkpoints are not supported")
-    shards = {}
-    tensors = {}
+    yield header.get(HEADER_NUM_SHARDS, [1])[0]
     for key, value in entries.items():
         name = key.decode("utf-8", errors="replace")
         where = f"{index_path}: tensor {name!r}"
         entry = _parse_proto(value, where)
-        dtype_id = entry.get(1, [0])[0]
-        dims = [_parse_proto(d, where).get(1, [0])[0] for d in _parse_proto(entry.get(2, [b""])[0], where).get(2, [])]
-        shard, offset, size = entry.get(3, [0])[0], entry.get(4, [0])[0], entry.get(5, [0])[0]
-        if 7 in entry:
+        if ENTRY_SLICES in entry:
             raise CheckpointError(f"{where} is partitioned into slices, which is not supported")
-        if dtype_id == TF_DTYPE_BFLOAT16:
-            np_dtype = np.uint16
-        elif dtype_id in TF_DTYPES:
-            np_dtype = TF_DTYPES[dtype_id]
-        else:
+        shape = _parse_proto(entry.get(ENTRY_SHAPE, [b""])[0], where)
+        dims = [_parse_proto(d, where).get(DIM_SIZE, [0])[0] for d in shape.get(SHAPE_DIM, [])]
+        yield (name, entry.get(ENTRY_DTYPE, [0])[0], dims, entry.get(ENTRY_SHARD_ID, [0])[0],
+               entry.get(ENTRY_OFFSET, [0])[0], entry.get(ENTRY_SIZE, [0])[0], entry.get(ENTRY_CRC32C, [None])[0])
+
+
+def read_tf_checkpoint(path, verify=False) -> dict[str, np.ndarray]:
+    """Read every tensor of a TensorFlow V2 checkpoint as numpy arrays, names and shapes as stored.
+
+    path: a folder holding the checkpoint, its prefix ("…/model.ckpt") or its .index file. The arrays
+    are memory-mapped views of the data file. Sizes, offsets, dtypes and every block checksum of the
+    index are always checked; verify=True also checks each tensor's bytes against the CRC-32C the
+    index stores (about a second per 100 MB; downloads always do it).
+    """
+    prefix = _checkpoint_prefix(Path(path))
+    index_path = prefix.with_name(prefix.name + ".index")
+    if not index_path.is_file():
+        raise CheckpointError(f"checkpoint index {index_path} not found")
+    entries = _tf_entries(index_path)
+    n_shards, shards, tensors = next(entries), {}, {}
+    for name, dtype_id, dims, shard, offset, size, crc in entries:
+        where = f"{index_path}: tensor {name!r}"
+        np_dtype = np.uint16 if dtype_id == TF_DTYPE_BFLOAT16 else TF_DTYPES.get(dtype_id)
+        if np_dtype is None:
             raise CheckpointError(f"{where} has unsupported dtype id {dtype_id}")
         if size != math.prod(dims) * np.dtype(np_dtype).itemsize:
             raise CheckpointError(f"{where}: shape {tuple(dims)} does not fit its {size:,} bytes")
@@ -447,613 +1092,128 @@ def read_tf_checkpoint(path) -> dict[str, np.ndarray]:
             shards[shard] = (data_path, _memmap(data_path))
         data_path, raw = shards[shard]
         if offset + size > raw.size:
-            raise CheckpointError(
-                f"{data_path}: tensor {name!r} needs bytes {offset:,}..{offset + size:,} but the file "
-                f"has {raw.size:,} (truncated? download it again)"
-            )
-        array = _as_array(raw, offset, np_dtype, dims, where)
+            raise CheckpointError(f"{data_path}: tensor {name!r} needs bytes {offset:,}..{offset + size:,} but the "
+                                  f"file has {raw.size:,} (truncated? download it again)")
+        if verify and crc is not None and masked_crc32c(raw[offset:offset + size]) != crc:
+            raise CheckpointError(f"{data_path}: tensor {name!r} fails its CRC-32C check (corrupt; download it again)")
+        array = raw[offset:offset + size].view(np_dtype).reshape(dims)
         tensors[name] = _bfloat16_to_float32(array) if dtype_id == TF_DTYPE_BFLOAT16 else array
     return tensors
 
 
+def verify_tf_data(index_path, data_path):
+    """Check a downloaded data file (under any name) tensor by tensor against its index's CRC-32Cs."""
+    index_path, data_path = Path(index_path), Path(data_path)
+    raw, entries = _memmap(data_path), _tf_entries(index_path)
+    next(entries)
+    for name, _, _, _, offset, size, crc in entries:
+        if offset + size > raw.size:
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        if crc is not None and masked_crc32c(raw[offset:offset + size]) != crc:
+            raise ValueError(f"tensor {name!r} fails its CRC-32C check")
+
+
 # ----------------------------------------------------------------------------------------------
-# Reading safetensors: [8-byte little-endian header length N][N bytes of JSON header][raw data]
-# header = {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": …}
+# Appendix B. safetensors: [8-byte little-endian header length N][N bytes of JSON header][data]
+# header = {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {str: str}}
+# Offsets count from the start of the data; the tensors must tile the data exactly (no gap, no overlap).
 
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
     "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16,
 }
+MAX_HEADER = 100_000_000  # the format's own limit on the JSON header
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _is_int(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def read_safetensors_header(path) -> tuple[dict, dict[str, str], int]:
+    """(tensor entries, __metadata__, where the data starts) of a safetensors file, every entry
+    checked against the file before any tensor's bytes are touched."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= header_len <= min(MAX_HEADER, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {header_len:,} for a file of "
+                                  f"{size:,} bytes; truncated?)")
+        try:
+            header = json.loads(f.read(header_len), object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: the header is not valid JSON ({str(e)[:80]}); not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings")
+    data_size, spans = size - 8 - header_len, []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where}: unknown or missing dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers, not {shape!r:.60}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r:.60} are not two integers 0 <= begin <= end")
+        if offsets[1] > data_size:
+            raise CheckpointError(f"{where} runs past the end of the {data_size:,} data bytes (truncated?)")
+        if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize:
+            raise CheckpointError(f"{where}: shape {shape} does not fit its {offsets[1] - offsets[0]:,} bytes")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):  # the tensors must tile the data region exactly
+        if begin != end:
+            raise CheckpointError(f"{path}: tensor {name!r} {'overlaps another' if begin < end else 'leaves a gap'} "
+                                  f"at data byte {min(begin, end):,}")
+        end = stop
+    if end != data_size:
+        raise CheckpointError(f"{path}: {data_size - end:,} bytes after the last tensor (corrupt file)")
+    return header, meta, 8 + header_len
+
+
+def read_safetensors(path, with_metadata=False):
     """Read a .safetensors file into numpy arrays (memory-mapped views; BF16 becomes float32)."""
     path = Path(path)
-    raw = _memmap(path)
-    if raw.size < 8:
-        raise CheckpointError(f"{path}: too short for a safetensors file")
-    header_len = int(raw[:8].view("<u8")[0])
-    if header_len > raw.size - 8:
-        raise CheckpointError(f"{path}: header length {header_len:,} exceeds the file (truncated?)")
-    try:
-        header = json.loads(bytes(raw[8:8 + header_len]))
-    except ValueError:
-        raise CheckpointError(f"{path}: header is not valid JSON, not a safetensors file") from None
-    data_start = 8 + header_len
-    tensors = {}
+    header, meta, start = read_safetensors_header(path)
+    raw, tensors = _memmap(path), {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape, (begin, end) = info["shape"], info["data_offsets"]
-        if end - begin != math.prod(shape) * np.dtype(dtype).itemsize or begin > end:
-            raise CheckpointError(f"{path}: tensor {name!r}: shape {shape} does not fit its bytes")
-        if data_start + end > raw.size:
-            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
-        array = _as_array(raw, data_start + begin, dtype, shape, path)
+        begin, end = info["data_offsets"]
+        array = raw[start + begin:start + end].view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
         tensors[name] = _bfloat16_to_float32(array) if info["dtype"] == "BF16" else array
-    return tensors
+    return (tensors, meta) if with_metadata else tensors
 
 
-# ----------------------------------------------------------------------------------------------
-# Writers, the inverses of the readers above. The tests and bench.py use them to make model
-# folders without TensorFlow or network. (The data checksums are left out, as in read_tf_checkpoint.)
-
-_NP_TO_TF = {np.dtype(v): k for k, v in TF_DTYPES.items()}
-
-
-def atomic_write(path, data: bytes | str):
-    """Write data to path through a temporary name, so path is never left half-written."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def _table_block(items, restart_interval=16) -> bytes:
-    out, restarts, prev = bytearray(), [], b""
-    for i, (key, value) in enumerate(items):
-        shared = 0
-        if i % restart_interval == 0:
-            restarts.append(len(out))
-        else:
-            while shared < min(len(key), len(prev)) and key[shared] == prev[shared]:
-                shared += 1
-        out += _encode_varint(shared) + _encode_varint(len(key) - shared) + _encode_varint(len(value))
-        out += key[shared:] + value
-        prev = key
-    restarts = restarts or [0]
-    out += struct.pack(f"<{len(restarts)}I", *restarts) + struct.pack("<I", len(restarts))
-    return bytes(out)
-
-
-def _write_table(items, block_size=4096) -> bytes:
-    """Lay out a sorted list of (key, value) pairs as a LevelDB-format table."""
-    out, index = bytearray(), []
-
-    def add_block(contents):
-        handle = _encode_varint(len(out)) + _encode_varint(len(contents))
-        out.extend(contents + b"\x00" + struct.pack("<I", masked_crc32c(contents + b"\x00")))
-        return handle
-
-    block, size = [], 0
-    for i, (key, value) in enumerate(items):
-        block.append((key, value))
-        size += len(key) + len(value)
-        if size >= block_size or i == len(items) - 1:
-            index.append((key, add_block(_table_block(block))))  # last key separates blocks
-            block, size = [], 0
-    metaindex = add_block(_table_block([]))
-    index_handle = add_block(_table_block(index, restart_interval=1))
-    footer = (metaindex + index_handle).ljust(40, b"\x00") + struct.pack("<Q", TABLE_MAGIC)
-    return bytes(out + footer)
-
-
-def write_tf_checkpoint(tensors: dict[str, np.ndarray], prefix, block_size=4096):
-    """Write tensors as a TensorFlow V2 checkpoint <prefix>.index + <prefix>.data-00000-of-00001."""
-    prefix = Path(prefix)
-    items, offset = [], 0
-    data_path = prefix.with_name(prefix.name + ".data-00000-of-00001")
-    tmp = data_path.with_name(data_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for name in sorted(tensors):
-            array = np.ascontiguousarray(tensors[name])
-            shape = b"".join(b"\x12" + _encode_varint(len(d)) + d
-                             for d in (b"\x08" + _encode_varint(n) for n in array.shape))
-            entry = (b"\x08" + _encode_varint(_NP_TO_TF[array.dtype])
-                     + b"\x12" + _encode_varint(len(shape)) + shape
-                     + b"\x20" + _encode_varint(offset) + b"\x28" + _encode_varint(array.nbytes))
-            items.append((name.encode(), entry))
-            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-            offset += array.nbytes
-    os.replace(tmp, data_path)
-    header = b"\x08\x01" + b"\x1a\x02\x08\x01"  # num_shards = 1, version { producer: 1 }
-    index = _write_table([(b"", header)] + items, block_size=block_size)
-    atomic_write(prefix.with_name(prefix.name + ".index"), index)
-
-
-def write_safetensors(tensors: dict[str, np.ndarray], path):
+def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> Path:
+    """Write numpy arrays (and string metadata) as a safetensors file, atomically."""
     names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items() if k != "BF16"}
-    header, offset = {}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+    arrays = {name: np.ascontiguousarray(a).astype(np.dtype(a.dtype).newbyteorder("<"), copy=False)
+              for name, a in tensors.items()}
+    header, offset = {"__metadata__": dict(metadata)} if metadata else {}, 0
+    for name, array in arrays.items():
+        header[name] = {"dtype": names[array.dtype.newbyteorder("=")], "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)  # the spec allows space padding; it aligns the data to 8 bytes
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
-    os.replace(tmp, path)
-
-
-def checkpoint_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an OpenAI GPT-2 checkpoint (names without "model/") and its shape."""
-    V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
-    shapes = {"wte": (V, C), "wpe": (T, C), "ln_f/g": (C,), "ln_f/b": (C,)}
-    block = {"ln_1/g": (C,), "ln_1/b": (C,), "attn/c_attn/w": (1, C, 3 * C), "attn/c_attn/b": (3 * C,),
-             "attn/c_proj/w": (1, C, C), "attn/c_proj/b": (C,), "ln_2/g": (C,), "ln_2/b": (C,),
-             "mlp/c_fc/w": (1, C, 4 * C), "mlp/c_fc/b": (4 * C,), "mlp/c_proj/w": (1, 4 * C, C),
-             "mlp/c_proj/b": (C,)}
-    for i in range(cfg.n_layers):
-        shapes.update({f"h{i}/{name}": shape for name, shape in block.items()})
-    return shapes
-
-
-def write_model_folder(folder, cfg: GPTConfig, tensors: dict[str, np.ndarray], fmt="openai"):
-    """Write a loadable model folder from tensors named as in checkpoint_shapes.
-
-    fmt "openai": hparams.json + a TensorFlow checkpoint, as in OpenAI's release;
-    fmt "hf": config.json + model.safetensors with Hugging Face's names and 2-D Conv1D weights.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if fmt == "openai":
-        hparams = {"n_vocab": cfg.vocab_size, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
-                   "n_head": cfg.n_heads, "n_layer": cfg.n_layers}
-        write_tf_checkpoint({f"model/{k}": v for k, v in tensors.items()}, folder / "model.ckpt")
-        atomic_write(folder / "checkpoint", 'model_checkpoint_path: "model.ckpt"\n')
-        atomic_write(folder / "hparams.json", json.dumps(hparams, indent=2))
-    elif fmt == "hf":
-        config = {"vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
-                  "n_head": cfg.n_heads, "n_layer": cfg.n_layers}
-        hf = {}
-        for name, array in tensors.items():  # "h3/ln_1/g" -> "h.3.ln_1.weight"
-            hf_name = re.sub(r"^h(\d+)/", r"h.\1.", name).replace("/", ".")
-            hf_name = re.sub(r"\.(g|w)$", ".weight", re.sub(r"\.b$", ".bias", hf_name))
-            hf_name += ".weight" if name in ("wte", "wpe") else ""
-            hf[hf_name] = array.reshape(array.shape[-2:]) if array.ndim == 3 else array
-        write_safetensors(hf, folder / "model.safetensors")
-        atomic_write(folder / "config.json", json.dumps(config, indent=2))
-    else:
-        raise ValueError(f"unknown folder format {fmt!r}; choose openai or hf")
-
-
-# ----------------------------------------------------------------------------------------------
-# From checkpoint names to module names
-#
-# Both checkpoint layouts are first turned into OpenAI's names without the "model/" scope
-# (HF "h.0.attn.c_attn.weight" -> "h0/attn/c_attn/w"). OpenAI wrote its linear layers as Conv1D
-# with weights (1, in, out); nn.Linear wants (out, in), hence the transpose, and c_attn packs the
-# query, key and value projections side by side along "out", hence the three-way split.
-
-TOP_TABLE = [
-    ("wte", "tok_emb.weight", False),  # also the tied out_head.weight
-    ("wpe", "pos_emb.weight", False),
-    ("ln_f/g", "final_norm.weight", False),
-    ("ln_f/b", "final_norm.bias", False),
-]
-BLOCK_TABLE = [  # (name under h{i}/, module name(s) under trf_blocks.{i}., is a Conv1D weight)
-    ("ln_1/g", "norm1.weight", False),
-    ("ln_1/b", "norm1.bias", False),
-    ("attn/c_attn/w", ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"), True),
-    ("attn/c_attn/b", ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"), False),
-    ("attn/c_proj/w", "att.out_proj.weight", True),
-    ("attn/c_proj/b", "att.out_proj.bias", False),
-    ("ln_2/g", "norm2.weight", False),
-    ("ln_2/b", "norm2.bias", False),
-    ("mlp/c_fc/w", "ff.layers.0.weight", True),
-    ("mlp/c_fc/b", "ff.layers.0.bias", False),
-    ("mlp/c_proj/w", "ff.layers.2.weight", True),
-    ("mlp/c_proj/b", "ff.layers.2.bias", False),
-]
-# HF files also carry buffers (the causal mask) and the tied lm_head, which hold no new weights
-HF_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|lm_head\.weight)$")
-
-
-def weight_table(n_layers: int):
-    """The full mapping for n_layers blocks: [(checkpoint name, module name(s), is_conv)]."""
-    table = list(TOP_TABLE)
-    for i in range(n_layers):
-        for ckpt, module, conv in BLOCK_TABLE:
-            if isinstance(module, tuple):
-                module = tuple(f"trf_blocks.{i}.{m}" for m in module)
-            else:
-                module = f"trf_blocks.{i}.{module}"
-            table.append((f"h{i}/{ckpt}", module, conv))
-    return table
-
-
-def _canonical_tensors(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
-    """Read the folder's weights with OpenAI's names (no "model/" scope); also say which file."""
-    if (model_dir / "checkpoint").exists() or list(model_dir.glob("*.index")):
-        tensors = read_tf_checkpoint(model_dir)
-        return {k.removeprefix("model/"): v for k, v in tensors.items()}, "TensorFlow checkpoint"
-    if (model_dir / "model.safetensors").exists():
-        tensors = read_safetensors(model_dir / "model.safetensors")
-        out = {}
-        for name, array in tensors.items():
-            if not HF_IGNORED.search(name):
-                out[_hf_to_openai(name)] = array
-        return out, "model.safetensors"
-    raise CheckpointError(
-        f"{model_dir} holds no weights: expected OpenAI's checkpoint files (checkpoint, "
-        "model.ckpt.index, model.ckpt.data-00000-of-00001) or a model.safetensors"
-    )
-
-
-def _hf_to_openai(name: str) -> str:
-    # "h.3.ln_1.weight" -> "h3/ln_1/g", "h.3.mlp.c_fc.bias" -> "h3/mlp/c_fc/b", "wte.weight" -> "wte"
-    name = name.removeprefix("transformer.")
-    if name in ("wte.weight", "wpe.weight"):
-        return name.removesuffix(".weight")
-    name = re.sub(r"^h\.(\d+)\.", r"h\1/", name).replace(".", "/")
-    is_norm = re.search(r"ln_(\d|f)/(weight|bias)$", name) is not None
-    return re.sub(r"/weight$", "/g" if is_norm else "/w", re.sub(r"/bias$", "/b", name))
-
-
-def read_config(model_dir) -> GPTConfig:
-    """The model's shape from OpenAI's hparams.json (or, failing that, HF's config.json)."""
-    model_dir = Path(model_dir)
-    for file_name, keys in (("hparams.json", ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")),
-                            ("config.json", ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"))):
-        path = model_dir / file_name
-        if path.exists():
-            try:
-                hp = json.loads(path.read_text())
-                values = [int(hp[k]) for k in keys]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{path}: not a valid GPT-2 {file_name} ({type(e).__name__}: {e})") from None
-            vocab, ctx, emb, heads, layers = values
-            if min(values) < 1 or emb % heads:
-                raise CheckpointError(f"{path}: impossible shape {dict(zip(keys, values))}")
-            return GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=emb, n_heads=heads, n_layers=layers)
-    raise CheckpointError(f"{model_dir}: missing hparams.json (the model's shape)")
-
-
-def _listing(names, limit=6):
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def load_gpt2(model_dir, device="cpu") -> GPTModel:
-    """Build GPT-2 from a model folder (OpenAI's files or a model.safetensors), in eval mode.
-
-    The model is built on the meta device, so no memory is allocated and no random initialisation
-    is done, and then the checkpoint's tensors are assigned as the parameters (views of the
-    memory-mapped file where the layout allows, so loading copies nothing on the CPU).
-    """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model folder {model_dir} does not exist")
-    cfg = read_config(model_dir)
-    tensors, source = _canonical_tensors(model_dir)
-    table = weight_table(cfg.n_layers)
-    expected = {ckpt for ckpt, _, _ in table}
-    missing, extra = expected - tensors.keys(), tensors.keys() - expected
-    if missing or extra:
-        parts = [f"missing {_listing(missing)}" if missing else "", f"unexpected {_listing(extra)}" if extra else ""]
-        raise CheckpointError(
-            f"{model_dir}: the {source} does not match hparams.json ({cfg.n_layers} layers): "
-            + "; ".join(p for p in parts if p)
-        )
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state = {}
-    for ckpt, module, conv in table:
-        t = torch.from_numpy(tensors[ckpt])
-        if conv:
-            t = t.reshape(t.shape[-2:]).T  # Conv1D (1, in, out) -> Linear (out, in), a view
-        names = module if isinstance(module, tuple) else (module,)
-        parts = t.chunk(len(names), dim=0) if t.dim() and t.shape[0] % len(names) == 0 else (t,)
-        for name, part in zip(names, parts):
-            if len(parts) != len(names) or tuple(part.shape) != shapes[name]:
-                raise CheckpointError(
-                    f"{model_dir}: tensor {ckpt} of shape {tuple(tensors[ckpt].shape)} does not fit "
-                    f"{name} {shapes[name]} (hparams.json: n_embd={cfg.emb_dim}, n_vocab={cfg.vocab_size}, "
-                    f"n_ctx={cfg.context_length})"
-                )
-            state[name] = part
-    state["out_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters: tie them again
-    return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: GPT-2's byte-level BPE, from the folder's encoder.json + vocab.bpe
-
-# GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, each with one leading space
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-ENDOFTEXT = "<|endoftext|>"
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from each byte to a printable character, so that BPE files are plain text.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are
-    given the characters from U+0100 on, in byte order (so a space is written "Ġ").
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def load_tokenizer(model_dir) -> tiktoken.Encoding:
-    """A tiktoken Encoding from encoder.json + vocab.bpe (or HF's vocab.json + merges.txt), offline."""
-    model_dir = Path(model_dir)
-    for vocab_name, merges_name in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
-        if (model_dir / vocab_name).exists() and (model_dir / merges_name).exists():
-            break
-    else:
-        raise CheckpointError(f"{model_dir}: missing the tokenizer files encoder.json and vocab.bpe")
-    try:
-        encoder = json.loads((model_dir / vocab_name).read_text(encoding="utf-8"))
-        merges = (model_dir / merges_name).read_text(encoding="utf-8").splitlines()
-    except ValueError as e:
-        raise CheckpointError(f"{model_dir / vocab_name}: not a GPT-2 tokenizer file ({e})") from None
-    if ENDOFTEXT not in encoder:
-        raise CheckpointError(f"{model_dir / vocab_name}: has no {ENDOFTEXT} token")
-    alphabet = {ch: chr(b) for b, ch in bytes_to_unicode().items()}
-    tokens = [token for token in encoder if token != ENDOFTEXT]
-    stray = set("".join(tokens)) - alphabet.keys()
-    if stray:
-        raise CheckpointError(f"{model_dir / vocab_name}: character {min(stray)!r} is outside GPT-2's byte alphabet")
-    # each character stands for one byte: map it back to chr(byte), then Latin-1 turns that into the byte.
-    # tiktoken merges by rank, and GPT-2's ids are ranks: merge k of vocab.bpe is token 256 + k
-    to_byte = str.maketrans(alphabet)
-    ranks = {token.translate(to_byte).encode("latin-1"): encoder[token] for token in tokens}
-    merges = [line for line in merges if line and not line.startswith("#version")]
-    for k, line in enumerate(merges):
-        first, _, second = line.partition(" ")
-        if encoder.get(first + second) != 256 + k:
-            raise CheckpointError(f"{model_dir / merges_name}: merge {k + 1} ({line!r}) disagrees with {vocab_name}")
-    return tiktoken.Encoding(
-        name=f"gpt2-{model_dir.name}",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: encoder[ENDOFTEXT]},
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Download into a cache folder
-
-
-class DownloadError(RuntimeError):
-    """A file could not be fetched (no network, server error, or an incomplete transfer)."""
-
-
-OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
-OPENAI_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
-                "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
-HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
-HF_REPOS = {"124M": "openai-community/gpt2", "355M": "openai-community/gpt2-medium",
-            "774M": "openai-community/gpt2-large", "1558M": "openai-community/gpt2-xl"}
-HF_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
-CACHE_ENV = "GPT2_LORA_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """$GPT2_LORA_CACHE, else $XDG_CACHE_HOME/gpt2-lora, else ~/.cache/gpt2-lora."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gpt2-lora"
-
-
-def download_file(url: str, dest, retries=3, timeout=(10, 60), backoff=2.0, progress=True) -> Path:
-    """Stream url to dest through dest.part, resuming a partial file with an HTTP Range request.
-
-    dest appears only once the whole file is there, with the size the server announced.
-    """
-    import requests  # here, not at the top: it adds 0.15 s to every start of predict.py, which never downloads
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    error = None
-    for attempt in range(retries):
-        if attempt:
-            time.sleep(backoff * attempt)
-        done = part.stat().st_size if part.exists() else 0
-        try:
-            headers = {"Range": f"bytes={done}-"} if done else {}
-            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-                if r.status_code == 416:  # the partial file is no prefix of this one: start over
-                    part.unlink()
-                    error = "the server refused to resume"
-                    continue
-                if r.status_code >= 400:
-                    raise DownloadError(f"could not download {url}: HTTP {r.status_code} {r.reason}")
-                if r.status_code == 206:  # Content-Range: bytes start-end/total
-                    total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
-                    mode = "ab"
-                else:  # 200: the server sends the whole file, whatever we asked for
-                    total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-                    done, mode = 0, "wb"
-                started, shown, start_bytes = time.monotonic(), 0.0, done
-                with open(part, mode) as f:
-                    for chunk in r.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                        done += len(chunk)
-                        now = time.monotonic()
-                        if progress and (now - shown > 0.5 or done == total):
-                            shown = now
-                            rate = (done - start_bytes) / 1e6 / max(now - started, 1e-6)
-                            of_total = f" / {total / 1e6:,.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
-                            print(f"\r  {dest.name}: {done / 1e6:,.1f}{of_total} {rate:.1f} MB/s",
-                                  end="", file=sys.stderr, flush=True)
-                if progress:
-                    print(file=sys.stderr)
-            if total is not None and part.stat().st_size != total:
-                error = f"got {part.stat().st_size:,} of {total:,} bytes"
-                continue
-            os.replace(part, dest)
-            return dest
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            error = type(e).__name__
-    raise DownloadError(f"could not download {url} after {retries} tries ({error})")
-
-
-def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> Path:
-    """Fetch one GPT-2 size into the cache (once) and return its folder.
-
-    source "openai": OpenAI's seven release files (a TensorFlow checkpoint);
-    source "hf": the same weights as model.safetensors from the Hugging Face hub.
-    files: only these of the folder's files (e.g. the tokenizer's), default all.
-    """
-    size = resolve_size(size)
-    if source not in ("openai", "hf"):
-        raise ValueError(f"unknown weights source {source!r}; choose openai or hf")
-    folder = Path(cache_dir or default_cache_dir()) / ("gpt2" if source == "openai" else "gpt2-hf") / size
-    all_files = OPENAI_FILES if source == "openai" else HF_FILES
-    for name in files or all_files:
-        if (folder / name).exists():  # a file only gets its final name once it is complete
-            continue
-        url = (OPENAI_URL.format(size=size, file=name) if source == "openai"
-               else HF_URL.format(repo=HF_REPOS[size], file=name))
-        try:
-            download_file(url, folder / name)
-        except DownloadError as e:
-            raise DownloadError(
-                f"{e}. Without internet, point --model-dir at a local copy of the model folder "
-                f"({', '.join(all_files)})"
-            ) from None
-    return folder
-
-
-def load_model_and_tokenizer(folder, device="cpu") -> tuple[GPTModel, tiktoken.Encoding]:
-    """load_gpt2 and load_tokenizer of one folder, checked to fit each other."""
-    tokenizer = load_tokenizer(folder)
-    model = load_gpt2(folder, device=device)
-    if tokenizer.n_vocab > model.cfg.vocab_size:
-        raise CheckpointError(f"{folder}: the tokenizer has {tokenizer.n_vocab:,} tokens but the model only "
-                              f"{model.cfg.vocab_size:,}; the BPE files belong to another model")
-    return model, tokenizer
-
-
-def model_folder(size="124M", model_dir=None, cache_dir=None, source="openai") -> Path:
-    """The folder to load: model_dir when given (no network), else the cached download."""
-    if model_dir is not None:
-        if not Path(model_dir).is_dir():
-            raise CheckpointError(f"model folder {model_dir} does not exist; check --model-dir")
-        return Path(model_dir)
-    return download_gpt2(size, cache_dir=cache_dir, source=source)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command-line helpers shared by the scripts
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show "(default: …)" unless there is no default to show or the help already says it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults in --help and one-line errors (exit code 2)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=_HelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def pick_device(name="auto") -> torch.device:
-    """auto: CUDA if present, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def add_model_args(parser):
-    parser.add_argument("--model", default="124M",
-                        help="GPT-2 size: 124M, 355M, 774M, 1558M (or gpt2-small, -medium, -large, -xl)")
-    parser.add_argument("--model-dir", default=None,
-                        help="a local model folder (OpenAI's files or a model.safetensors); no download")
-    parser.add_argument("--weights-source", choices=("openai", "hf"), default="openai",
-                        help="where to download from: OpenAI's TensorFlow files or Hugging Face's safetensors")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"download cache (default: ${CACHE_ENV}, else $XDG_CACHE_HOME/gpt2-lora "
-                             "or ~/.cache/gpt2-lora)")
-
-
-def main(argv=None):
-    parser = ArgumentParser(prog="gpt2.py", description="Continue a prompt with GPT-2 (a check that the weights load right).")
-    parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=25, help="how many tokens to add")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more random")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
-    parser.add_argument("--seed", type=int, default=123, help="random seed for sampling")
-    add_model_args(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    args = parser.parse_args(argv)
-    if not args.prompt.strip():
-        parser.error('the prompt is empty; give some text, e.g. python gpt2.py "Every effort moves you"')
-    if args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        parser.error("--temperature must be 0 (greedy) or more")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error("--top-k must be at least 1")
-    try:
-        size = resolve_size(args.model)
-        device = pick_device(args.device)
-        folder = model_folder(size, args.model_dir, args.cache_dir, args.weights_source)
-        model, tokenizer = load_model_and_tokenizer(folder, device=device)
-    except (ValueError, OSError, DownloadError) as e:
-        parser.exit(2, f"gpt2.py: error: {e}\n")
-    ids = tokenizer.encode_ordinary(args.prompt)
-    context = model.cfg.context_length
-    if len(ids) > context:
-        print(f"note: the prompt has {len(ids):,} tokens; keeping the last {context:,}", file=sys.stderr)
-        ids = ids[-context:]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k,
-                   eos_id=tokenizer.eot_token, generator=generator)
-    print(tokenizer.decode(out[0].tolist()))
+        for array in arrays.values():
+            f.write(array.tobytes())
+    return atomic_write(path, write)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("gpt2.py: interrupted")
+    main()

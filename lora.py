@@ -3,31 +3,35 @@
 Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv 2106.09685).
 A pretrained weight W0 stays frozen; each adapted layer learns only a low-rank update:
 
-    h = W0 x + (alpha / r) · B A x        A: (r, in), B: (out, r), r << min(in, out)
+    h = W0 x + (alpha / r) · B A x        B A: (out, in) of rank r << min(in, out)
 
-This file holds the adapter layers and everything a user does with them: inject them into chosen
-layers, freeze everything else, count parameters, merge the update into W0 for inference at no
-extra cost, and save or load only the small adapter, safely (no pickle that could run code).
+Here x is a row vector, as nn.Linear sees it, so the code stores A as (in, r) and B as (r, out)
+and computes h = x W0^T + (alpha/r) · x A B. This file holds the adapter layers and everything a
+user does with them: inject them into chosen layers, freeze everything else, build the spam
+classifier, count parameters, merge the update into W0 for inference at no extra cost, and save
+or load only the small adapter as a safetensors file (plain numbers and JSON: nothing that runs).
 
 Usage:
     model = gpt2.load_gpt2(folder)
-    replace_linear_with_lora(model, rank=16, alpha=16)        # every Linear but out_head
-    freeze_and_activate_lora(model)
-    print_trainable_parameters(model)  # trainable params: 2,654,208 || all params: 127,094,016 || ...
+    build_classifier(model, num_classes=2, rank=16, alpha=16)   # LoRA on every Linear, frozen, new head
+    print_trainable_parameters(model)  # trainable params: 2,655,746 || all params: 127,095,554 || ...
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gpt2
+
 ADAPTER_FORMAT = "gpt2-lora-adapter"
-ADAPTER_VERSION = 1
+ADAPTER_VERSION = 2  # 1 was a torch pickle, which this code no longer reads
 
 # Layer groups for `targets`: names of Linear layers inside GPTModel (see gpt2.py)
 TARGET_GROUPS = {
@@ -50,7 +54,7 @@ class LoRALayer(nn.Module):
     """The low-rank update alone: x (..., in_dim) -> (alpha / rank) · x A B, shape (..., out_dim).
 
     With x as a row vector (as nn.Linear sees it) the paper's h = W0 x + (alpha/r) · B A x reads
-    h = x W0^T + (alpha/r) · x A B here, with A: (in_dim, rank) and B: (rank, out_dim).
+    h = x W0^T + (alpha/r) · x A B here, so A is stored as (in_dim, rank) and B as (rank, out_dim).
     A starts random (Kaiming-uniform, as nn.Linear initialises its weights) and B starts at zero,
     so B A = 0 and the adapted model is exactly the pretrained one at step 0; training then moves
     B away from zero. Dividing by rank (the alpha/r factor) keeps the update's size roughly the same
@@ -67,19 +71,16 @@ class LoRALayer(nn.Module):
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-    def _dropped(self, x):
+    def add_(self, h, x):
+        """h += (alpha/r) · x A B, in place, and return h: the update of LinearWithLoRA's output h.
+
+        Summing into h, rather than returning a second (..., out_dim) tensor to add, saves a third
+        of a training step's memory. (Under bf16 autocast h is bf16, and in-place ops are not cast
+        for us, hence the .to casts.)"""
         if self.training and self.dropout > 0:  # no kernel launched at all when dropout is 0
             x = F.dropout(x, self.dropout)
-        return x
-
-    def forward(self, x):
-        return self.scaling * (self._dropped(x) @ self.A @ self.B)  # (..., in) @ (in, r) @ (r, out)
-
-    def add_to(self, h, x):
-        """h += forward(x), in place: the same sum without a second (..., out) tensor, which saves
-        a third of a training step's memory. (The .to casts: under bf16 autocast h is bf16.)"""
-        xa = self._dropped(x).reshape(-1, x.shape[-1]) @ self.A.to(x.dtype)  # (N, rank)
-        h.view(-1, h.shape[-1]).addmm_(xa.to(h.dtype), self.B.to(h.dtype), alpha=self.scaling)
+        xa = x.reshape(-1, x.shape[-1]) @ self.A.to(x.dtype)  # (N, in) @ (in, r) -> (N, r)
+        h.view(-1, h.shape[-1]).addmm_(xa.to(h.dtype), self.B.to(h.dtype), alpha=self.scaling)  # (N, out)
         return h
 
     def extra_repr(self):
@@ -87,7 +88,7 @@ class LoRALayer(nn.Module):
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen nn.Linear plus its LoRA update: linear(x) + lora(x)."""
+    """A frozen nn.Linear plus its LoRA update: h = W0 x + (alpha/r) B A x."""
 
     def __init__(self, linear_layer: nn.Linear, rank, alpha, dropout=0.0):
         super().__init__()
@@ -96,8 +97,8 @@ class LinearWithLoRA(nn.Module):
                               device=linear_layer.weight.device)
 
     def forward(self, x):
-        # linear(x) + lora(x), with the update added into the linear layer's fresh output
-        return self.lora.add_to(self.linear(x), x)
+        # linear(x) + lora(x), the update summed into the linear layer's fresh output in place
+        return self.lora.add_(self.linear(x), x)
 
 
 def parse_targets(targets) -> tuple[str, ...] | None:
@@ -182,14 +183,27 @@ def freeze_and_activate_lora(model: nn.Module):
         layer.B.requires_grad_(True)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), each tensor counted once: model.parameters() skips a tied duplicate."""
-    params = list(model.parameters())
+def build_classifier(model: nn.Module, num_classes: int, rank, alpha, dropout=0.0, targets=None) -> nn.Module:
+    """GPT-2 as a LoRA classifier, in place: inject adapters, freeze everything, add the new head.
+
+    The order matters: the head is added after freezing, so the trainable parameters are exactly
+    the LoRA matrices and the new num_classes-way head. train.py, predict.py and bench.py all build
+    their model here."""
+    replace_linear_with_lora(model, rank, alpha, dropout, targets=targets)
+    freeze_and_activate_lora(model)
+    gpt2.add_classification_head(model, num_classes)
+    return model
+
+
+def count_parameters(model: nn.Module, skip=()) -> tuple[int, int]:
+    """(trainable, total), each tensor counted once: model.parameters() skips a tied duplicate.
+    skip: names of top-level modules left out, e.g. ("out_head",)."""
+    params = [p for name, p in model.named_parameters() if name.split(".")[0] not in skip]
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def print_trainable_parameters(model: nn.Module):
-    trainable, total = count_parameters(model)
+def print_trainable_parameters(model: nn.Module, skip=()):
+    trainable, total = count_parameters(model, skip)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.2f}%")
 
 
@@ -217,7 +231,44 @@ def merge_lora(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving and loading only what training changed: the A/B matrices and the classification head
+# The adapter file: only what training changed (every A and B, and the new head), as safetensors.
+# Its __metadata__ holds one JSON value per key (the format allows only strings there); every key
+# is checked against ADAPTER_SCHEMA in one place, check_adapter_meta, when a file is written or read.
+
+
+def _number(low, high, integer=False, low_open=False):
+    def check(v):
+        ok_type = type(v) is int if integer else type(v) in (int, float)
+        return ok_type and math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+    return check
+
+
+def _names(v):
+    return isinstance(v, list) and v != [] and all(isinstance(x, str) and x for x in v)
+
+
+ADAPTER_SCHEMA = {  # key: (check, what it must be); other keys are kept but not required (newer files)
+    "rank": (_number(1, 65_536, integer=True), "a whole number >= 1"),
+    "alpha": (_number(0, 1e9, low_open=True), "a number > 0"),
+    "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)"),
+    "targets": (lambda v: v == "all" or _names(v), '"all" or a list of layer names'),
+    "labels": (lambda v: _names(v) and len(v) == 2 and v[0] != v[1], "two different label names"),
+    "max_length": (_number(1, gpt2.CONFIG_BOUNDS["context_length"], integer=True), "a whole number >= 1"),
+    "config": (lambda v: isinstance(v, dict) and all(type(v.get(k)) is int and v[k] >= 1 for k in gpt2.CONFIG_BOUNDS),
+               "the base model's shape: " + ", ".join(gpt2.CONFIG_BOUNDS)),
+    "threshold": (_number(0, 1), "a probability in [0, 1]"),
+    "precision": (lambda v: v in ("fp32", "bf16"), "fp32 or bf16"),
+}
+
+
+def check_adapter_meta(meta: dict, where) -> dict:
+    """meta itself, once every key of ADAPTER_SCHEMA is there with a valid value (else ValueError)."""
+    for key, (ok, what) in ADAPTER_SCHEMA.items():
+        if key not in meta:
+            raise ValueError(f"{where}: the adapter metadata lacks {key!r}; retrain with python train.py")
+        if not ok(meta[key]):
+            raise ValueError(f"{where}: adapter metadata {key} is {meta[key]!r:.60}; expected {what}")
+    return meta
 
 
 def _head_is_trained(model) -> bool:
@@ -246,48 +297,44 @@ def _lora_summary(model) -> dict:
     return {"rank": rank, "alpha": alpha, "dropout": dropout, "layers": len(layers)}
 
 
-def save_adapter(model: nn.Module, path, meta: dict | None = None):
-    """Write the adapter (see adapter_state) and metadata to path, via a temporary file.
+def save_adapter(model: nn.Module, path, meta: dict):
+    """Write the adapter (see adapter_state) and its metadata to path as safetensors, atomically.
 
-    meta: builtin values only (str, int, float, bool, None, lists, dicts), e.g. the base model
-    size, targets, max_length and label names; rank, alpha and dropout are taken from the model.
-    """
-    path = Path(path)
-    blob = {
-        "format": ADAPTER_FORMAT,
-        "version": ADAPTER_VERSION,
-        "meta": {**(meta or {}), **_lora_summary(model)},
-        # clone: a compact copy, so a view never drags its whole storage into the file
-        "tensors": {name: p.detach().to("cpu", copy=True).contiguous() for name, p in adapter_state(model).items()},
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    meta: JSON values for the keys of ADAPTER_SCHEMA (rank, alpha and dropout are taken from the
+    model) and any others, e.g. the base model's size and folder. A non-finite weight is refused."""
+    meta = check_adapter_meta({**meta, **_lora_summary(model)}, path)
+    tensors = {name: p.detach().float().cpu().numpy() for name, p in adapter_state(model).items()}
+    bad = [name for name, a in tensors.items() if not np.isfinite(a).all()]
+    if bad:
+        raise ValueError(f"the adapter holds NaN or infinite weights ({gpt2.listing(bad, 2)}); not saved")
+    header = {"format": ADAPTER_FORMAT, "version": str(ADAPTER_VERSION)}
+    header.update({key: json.dumps(value) for key, value in meta.items()})
+    gpt2.write_safetensors(tensors, path, metadata=header)
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(meta, tensors) of an adapter file, read with weights_only=True so no code can run."""
+    """(meta, tensors) of an adapter file, every check done before a tensor is used."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no adapter file at {path}")
+        raise FileNotFoundError(f"no adapter file at {path}; train one with python train.py --out {path}")
+    with open(path, "rb") as f:
+        start = f.read(8)
+    if start.startswith(b"PK\x03\x04") or start[:1] == b"\x80":  # a torch.save zip, or a raw pickle
+        raise ValueError(f"{path} is an adapter of the old pickle format, which is never loaded (it could "
+                         "run code); retrain with python train.py to get a .safetensors adapter")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only: whatever failed, no code from the file has run
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable adapter file (truncated, or not made by train.py): "
-                         f"{first_line[:160]}") from None
-    if not isinstance(blob, dict) or blob.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path} is not a LoRA adapter file made by train.py")
-    if blob.get("version") != ADAPTER_VERSION:
-        raise ValueError(f"{path} has adapter format version {blob.get('version')!r}; this code reads {ADAPTER_VERSION}")
-    tensors, meta = blob.get("tensors"), blob.get("meta")
-    if not isinstance(tensors, dict) or not isinstance(meta, dict) or not all(
-            isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise ValueError(f"{path} is a damaged adapter file (no tensors or metadata)")
-    return meta, tensors
+        arrays, header = gpt2.read_safetensors(path, with_metadata=True)
+        if header.get("format") != ADAPTER_FORMAT:
+            raise ValueError("it is not a LoRA adapter made by train.py")
+        if header.get("version") != str(ADAPTER_VERSION):
+            raise ValueError(f"it has adapter format version {header.get('version')}; this code reads {ADAPTER_VERSION}")
+        meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
+    except (gpt2.CheckpointError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable adapter file ({str(e).removeprefix(str(path) + ': ')})") from None
+    tensors = {name: torch.from_numpy(np.array(a, np.float32)) for name, a in arrays.items()}
+    if any(not torch.isfinite(t).all() for t in tensors.values()):
+        raise ValueError(f"{path} holds NaN or infinite weights; retrain it")
+    return check_adapter_meta(meta, path), tensors
 
 
 def load_adapter(model: nn.Module, path, adapter=None) -> dict:
@@ -304,11 +351,8 @@ def load_adapter(model: nn.Module, path, adapter=None) -> dict:
     state = adapter_state(model)
     missing, extra = state.keys() - tensors.keys(), tensors.keys() - state.keys()
     if missing or extra:
-        def short(names):
-            names = sorted(names)
-            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        detail = "; ".join(x for x in (f"the model also adapts {short(missing)}" if missing else "",
-                                       f"the file also has {short(extra)}" if extra else "") if x)
+        detail = "; ".join(x for x in (f"the model also adapts {gpt2.listing(missing, 3)}" if missing else "",
+                                       f"the file also has {gpt2.listing(extra, 3)}" if extra else "") if x)
         raise ValueError(f"{path} was made for other LoRA targets or another model ({detail})")
     # the same names can still hold other shapes: rank, head size or model width differ
     for name, param in state.items():

@@ -8,12 +8,14 @@ Usage:
     python -m pytest -q
 """
 
+import hashlib
 import http.server
 import json
 import math
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -92,6 +94,140 @@ def tf_fixture_values():
 
 
 # ----------------------------------------------------------------------------------------------
+# Writers of the two checkpoint layouts, the inverses of gpt2.py's readers, written here from the
+# formats' descriptions: the tests and bench.py make model folders with them, offline.
+
+
+def crc32c_reference(data: bytes) -> int:
+    """CRC-32C one byte at a time, straight from its definition (reflected polynomial 0x82F63B78)."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+def masked(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def encode_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64 values take ten bytes, as in protobuf
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def table_block(items, restart_interval=16) -> bytes:
+    out, restarts, prev = bytearray(), [], b""
+    for i, (key, value) in enumerate(items):
+        shared = 0
+        if i % restart_interval == 0:
+            restarts.append(len(out))
+        else:
+            while shared < min(len(key), len(prev)) and key[shared] == prev[shared]:
+                shared += 1
+        out += encode_varint(shared) + encode_varint(len(key) - shared) + encode_varint(len(value))
+        out += key[shared:] + value
+        prev = key
+    restarts = restarts or [0]
+    out += struct.pack(f"<{len(restarts)}I", *restarts) + struct.pack("<I", len(restarts))
+    return bytes(out)
+
+
+def write_table(items, block_size=4096) -> bytes:
+    """Lay out a sorted list of (key, value) pairs as a LevelDB-format table."""
+    out, index = bytearray(), []
+
+    def add_block(contents):
+        handle = encode_varint(len(out)) + encode_varint(len(contents))
+        out.extend(contents + b"\x00" + struct.pack("<I", masked(crc32c_reference(contents + b"\x00"))))
+        return handle
+
+    block, size = [], 0
+    for i, (key, value) in enumerate(items):
+        block.append((key, value))
+        size += len(key) + len(value)
+        if size >= block_size or i == len(items) - 1:
+            index.append((key, add_block(table_block(block))))  # last key separates blocks
+            block, size = [], 0
+    metaindex = add_block(table_block([]))
+    index_handle = add_block(table_block(index, restart_interval=1))
+    footer = (metaindex + index_handle).ljust(40, b"\x00") + struct.pack("<Q", 0xDB4775248B80FB57)
+    return bytes(out + footer)
+
+
+NP_TO_TF = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.int32): 3, np.dtype(np.uint8): 4,
+            np.dtype(np.int16): 5, np.dtype(np.int8): 6, np.dtype(np.int64): 9, np.dtype(np.bool_): 10,
+            np.dtype(np.float16): 19}
+
+
+def write_tf_checkpoint(tensors: dict, prefix, block_size=4096, with_crc=True):
+    """Write tensors as a TensorFlow V2 checkpoint <prefix>.index + <prefix>.data-00000-of-00001,
+    each entry with the masked CRC-32C of its bytes, as TensorFlow writes it (field 6, fixed32)."""
+    prefix = Path(prefix)
+    items, offset, blobs = [], 0, []
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        shape = b"".join(b"\x12" + encode_varint(len(d)) + d
+                         for d in (b"\x08" + encode_varint(n) for n in array.shape))
+        entry = (b"\x08" + encode_varint(NP_TO_TF[array.dtype]) + b"\x12" + encode_varint(len(shape)) + shape
+                 + b"\x20" + encode_varint(offset) + b"\x28" + encode_varint(len(raw)))
+        if with_crc:
+            entry += b"\x35" + struct.pack("<I", masked(zlib_free_crc(raw)))
+        items.append((name.encode(), entry))
+        blobs.append(raw)
+        offset += len(raw)
+    prefix.with_name(prefix.name + ".data-00000-of-00001").write_bytes(b"".join(blobs))
+    header = b"\x08\x01" + b"\x1a\x02\x08\x01"  # num_shards = 1, version { producer: 1 }
+    prefix.with_name(prefix.name + ".index").write_bytes(write_table([(b"", header)] + items, block_size=block_size))
+
+
+def zlib_free_crc(raw: bytes) -> int:
+    # the reference loop is too slow for large tensors; those use gpt2's, which the tests check
+    # against the reference on many sizes
+    return crc32c_reference(raw) if len(raw) < 4096 else gpt2.crc32c(raw)
+
+
+def checkpoint_shapes(cfg) -> dict:
+    """Every tensor of an OpenAI GPT-2 checkpoint (names without "model/") and its shape."""
+    V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
+    shapes = {"wte": (V, C), "wpe": (T, C), "ln_f/g": (C,), "ln_f/b": (C,)}
+    block = {"ln_1/g": (C,), "ln_1/b": (C,), "attn/c_attn/w": (1, C, 3 * C), "attn/c_attn/b": (3 * C,),
+             "attn/c_proj/w": (1, C, C), "attn/c_proj/b": (C,), "ln_2/g": (C,), "ln_2/b": (C,),
+             "mlp/c_fc/w": (1, C, 4 * C), "mlp/c_fc/b": (4 * C,), "mlp/c_proj/w": (1, 4 * C, C),
+             "mlp/c_proj/b": (C,)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"h{i}/{name}": shape for name, shape in block.items()})
+    return shapes
+
+
+def write_model_folder(folder, cfg, tensors: dict, fmt="openai"):
+    """A loadable model folder from tensors named as in checkpoint_shapes.
+
+    fmt "openai": hparams.json + a TensorFlow checkpoint, as in OpenAI's release;
+    fmt "hf": config.json + model.safetensors with Hugging Face's names (to_hf_layout)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "openai":
+        hparams = {"n_vocab": cfg.vocab_size, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
+                   "n_head": cfg.n_heads, "n_layer": cfg.n_layers}
+        write_tf_checkpoint({f"model/{k}": v for k, v in tensors.items()}, folder / "model.ckpt")
+        (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n')
+        (folder / "hparams.json").write_text(json.dumps(hparams, indent=2))
+    else:
+        config = {"vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
+                  "n_head": cfg.n_heads, "n_layer": cfg.n_layers}
+        gpt2.write_safetensors(to_hf_layout(tensors, with_buffers=False), folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
 # Tiny BPE files, made the way OpenAI's are, so tokenizer and CLI tests need no download
 
 
@@ -125,7 +261,7 @@ TINY_VOCAB = 256 + len(TINY_MERGES) + 1
 def random_tensors(cfg, seed=0, scale=0.2):
     rng = np.random.default_rng(seed)
     return {name: (rng.standard_normal(shape) * scale).astype(np.float32)
-            for name, shape in gpt2.checkpoint_shapes(cfg).items()}
+            for name, shape in checkpoint_shapes(cfg).items()}
 
 
 def tiny_cfg(**kw):
@@ -138,7 +274,7 @@ def tiny_cfg(**kw):
 def tiny_model_dir(tmp_path):
     """A complete tiny model folder in OpenAI's layout: weights, hparams and BPE files."""
     folder = tmp_path / "tiny-gpt2"
-    gpt2.write_model_folder(folder, tiny_cfg(), random_tensors(tiny_cfg()))
+    write_model_folder(folder, tiny_cfg(), random_tensors(tiny_cfg()))
     write_tiny_bpe(folder)
     return folder
 
@@ -225,7 +361,7 @@ def test_writer_and_reader_round_trip_over_many_blocks(tmp_path):
     tensors = {f"model/h{i}/attn/c_attn/{'w' if i % 2 else 'b'}": rng.standard_normal((i % 4 + 1, 3)).astype(np.float32)
                for i in range(40)}
     tensors["model/zz/int"] = np.arange(5, dtype=np.int64)
-    gpt2.write_tf_checkpoint(tensors, tmp_path / "model.ckpt", block_size=64)
+    write_tf_checkpoint(tensors, tmp_path / "model.ckpt", block_size=64)
     index = (tmp_path / "model.ckpt.index").read_bytes()
     assert index[-8:] == bytes.fromhex("57fb808b247547db")
     got = gpt2.read_tf_checkpoint(tmp_path / "model.ckpt.index")
@@ -282,7 +418,7 @@ def test_truncated_index_is_a_clear_error(tmp_path):
 def test_missing_tensor_is_named(tmp_path):
     tensors = random_tensors(tiny_cfg())
     del tensors["h1/mlp/c_fc/b"]
-    gpt2.write_model_folder(tmp_path, tiny_cfg(), tensors)
+    write_model_folder(tmp_path, tiny_cfg(), tensors)
     with pytest.raises(gpt2.CheckpointError, match=r"missing h1/mlp/c_fc/b"):
         gpt2.load_gpt2(tmp_path)
 
@@ -319,7 +455,7 @@ def test_tensorflow_checkpoint_logits_equal_numpy_forward():
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def to_hf_layout(w):
+def to_hf_layout(w, with_buffers=True):
     """OpenAI names -> Hugging Face GPT-2 names, written out by hand as an independent reference."""
     out = {"wte.weight": w["wte"], "wpe.weight": w["wpe"], "ln_f.weight": w["ln_f/g"], "ln_f.bias": w["ln_f/b"]}
     n_layer = sum(1 for k in w if k.endswith("/ln_1/g"))
@@ -333,7 +469,8 @@ def to_hf_layout(w):
             a = w[f"h{i}/{tf_name}"]
             out[f"h.{i}.{hf_name}"] = a[0] if a.ndim == 3 else a  # HF's Conv1D weight is (in, out)
         n_ctx = w["wpe"].shape[0]
-        out[f"h.{i}.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), np.float32))[None, None]  # a buffer
+        if with_buffers:
+            out[f"h.{i}.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), np.float32))[None, None]  # a buffer
     return out
 
 
@@ -349,7 +486,7 @@ def test_hf_safetensors_gives_the_same_logits(tmp_path):
 def test_hf_folder_written_by_write_model_folder_loads_with_config_json(tmp_path):
     cfg = tiny_cfg()
     tensors = random_tensors(cfg, seed=5)
-    gpt2.write_model_folder(tmp_path / "hf", cfg, tensors, fmt="hf")
+    write_model_folder(tmp_path / "hf", cfg, tensors, fmt="hf")
     assert not (tmp_path / "hf" / "hparams.json").exists()
     ids = [5, 9, 200, 1]
     with torch.no_grad():
@@ -449,6 +586,13 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
+        for key, value in self.server.extra_headers.get(self.path, {}).items():
+            self.send_header(key, value)
+        if self.path in self.server.no_length:  # the body ends when the connection closes
+            self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])  # and it closes early
+            return
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         if self.server.cut_once.pop(self.path, False):
@@ -464,7 +608,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def http_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    server.files, server.requests, server.cut_once = {}, [], {}
+    server.files, server.requests, server.cut_once, server.extra_headers, server.no_length = {}, [], {}, {}, set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -503,17 +647,70 @@ def test_download_never_leaves_an_incomplete_file_under_its_name(http_server, tm
     assert not (tmp_path / "f.bin").exists()
 
 
-def test_download_gpt2_fetches_the_seven_files_once(http_server, tmp_path, monkeypatch):
-    for name in gpt2.OPENAI_FILES:
-        http_server.files[f"/gpt-2/models/124M/{name}"] = name.encode() * 10
+def serve_tiny_release(http_server, tmp_path, monkeypatch):
+    """A tiny model in OpenAI's layout, served where OPENAI_URL points; its files' bytes as a dict."""
+    write_model_folder(tmp_path / "release", tiny_cfg(), random_tensors(tiny_cfg()))
+    write_tiny_bpe(tmp_path / "release")
+    files = {name: (tmp_path / "release" / name).read_bytes() for name in gpt2.OPENAI_FILES}
+    for name, body in files.items():
+        http_server.files[f"/gpt-2/models/124M/{name}"] = body
     monkeypatch.setattr(gpt2, "OPENAI_URL", url_of(http_server, "/gpt-2/models/{size}/{file}"))
-    folder = gpt2.download_gpt2("gpt2-small", cache_dir=tmp_path)
-    assert folder == tmp_path / "gpt2" / "124M"
+    # the pinned hashes are those of OpenAI's real files: pin the tiny release's instead
+    monkeypatch.setattr(gpt2, "KNOWN_SHA256", {name: hashlib.sha256(files[name]).hexdigest()
+                                               for name in ("encoder.json", "vocab.bpe")})
+    return files
+
+
+def test_download_gpt2_fetches_the_six_files_once(http_server, tmp_path, monkeypatch):
+    files = serve_tiny_release(http_server, tmp_path, monkeypatch)
+    folder = gpt2.download_gpt2("gpt2-small", cache_dir=tmp_path / "cache")
+    assert folder == tmp_path / "cache" / "gpt2" / "124M"
     assert sorted(p.name for p in folder.iterdir()) == sorted(gpt2.OPENAI_FILES)
-    assert (folder / "hparams.json").read_bytes() == b"hparams.json" * 10
+    assert "model.ckpt.meta" not in gpt2.OPENAI_FILES  # the loader never reads it
+    assert all((folder / name).read_bytes() == body for name, body in files.items())
     count = len(http_server.requests)
-    gpt2.download_gpt2("124M", cache_dir=tmp_path)
-    assert len(http_server.requests) == count == 7
+    gpt2.download_gpt2("124M", cache_dir=tmp_path / "cache")
+    assert len(http_server.requests) == count == 6
+
+
+def test_a_data_file_that_fails_its_crc_never_gets_its_name(http_server, tmp_path, monkeypatch):
+    files = serve_tiny_release(http_server, tmp_path, monkeypatch)
+    data_name = "model.ckpt.data-00000-of-00001"
+    broken = bytearray(files[data_name])
+    broken[len(broken) // 2] ^= 0x01  # one bit inside some tensor
+    http_server.files[f"/gpt-2/models/124M/{data_name}"] = bytes(broken)
+    with pytest.raises(gpt2.DownloadError, match="arrived corrupt.*fails its CRC-32C check.*run the command again"):
+        gpt2.download_gpt2("124M", cache_dir=tmp_path / "cache")
+    folder = tmp_path / "cache" / "gpt2" / "124M"
+    assert not (folder / data_name).exists() and not (folder / (data_name + ".part")).exists()
+
+
+def test_a_pinned_file_with_other_bytes_is_refused(http_server, tmp_path, monkeypatch):
+    serve_tiny_release(http_server, tmp_path, monkeypatch)
+    http_server.files["/gpt-2/models/124M/vocab.bpe"] = b"#version: 0.2\nh e\n"
+    with pytest.raises(gpt2.DownloadError, match="sha256 is not the expected"):
+        gpt2.download_gpt2("124M", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "gpt2" / "124M" / "vocab.bpe").exists()
+
+
+def test_the_sha256_the_hub_announces_is_checked(http_server, tmp_path):
+    body = os.urandom(10_000)
+    http_server.files["/m.safetensors"] = body
+    http_server.extra_headers["/m.safetensors"] = {"X-Linked-Etag": f'"{hashlib.sha256(b"other").hexdigest()}"'}
+    with pytest.raises(gpt2.DownloadError, match="sha256"):
+        gpt2.download_file(url_of(http_server, "/m.safetensors"), tmp_path / "m.safetensors", progress=False)
+    assert not (tmp_path / "m.safetensors").exists()
+    http_server.extra_headers["/m.safetensors"] = {"X-Linked-Etag": f'"{hashlib.sha256(body).hexdigest()}"'}
+    gpt2.download_file(url_of(http_server, "/m.safetensors"), tmp_path / "m.safetensors", progress=False)
+    assert (tmp_path / "m.safetensors").read_bytes() == body
+
+
+def test_a_transfer_without_length_that_stops_early_never_gets_its_name(http_server, tmp_path):
+    http_server.files["/f.bin"] = os.urandom(50_000)
+    http_server.no_length.add("/f.bin")
+    with pytest.raises(gpt2.DownloadError, match="did not say how long"):
+        gpt2.download_file(url_of(http_server, "/f.bin"), tmp_path / "f.bin", retries=1, progress=False)
+    assert not (tmp_path / "f.bin").exists()
 
 
 def test_download_without_network_says_how_to_use_model_dir(tmp_path, monkeypatch):
@@ -568,7 +765,7 @@ def test_gpt2_cli_missing_tokenizer_file_is_named(tiny_model_dir):
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
-    gpt2.write_model_folder(tmp_path, tiny_cfg(vocab_size=100), random_tensors(tiny_cfg(vocab_size=100)))
+    write_model_folder(tmp_path, tiny_cfg(vocab_size=100), random_tensors(tiny_cfg(vocab_size=100)))
     write_tiny_bpe(tmp_path)
     with pytest.raises(gpt2.CheckpointError, match="tokenizer has 262 tokens but the model only 100"):
         gpt2.load_model_and_tokenizer(tmp_path)
@@ -584,6 +781,11 @@ def test_gpt2_cli_keeps_the_last_context_tokens_of_a_long_prompt(tiny_model_dir)
 # lora.py
 
 import lora  # noqa: E402  (kept beside its tests)
+
+
+# What train.py stores beside the tensors (lora.ADAPTER_SCHEMA's keys, less those taken from the model)
+ADAPTER_META = {"targets": "all", "labels": ["ham", "spam"], "max_length": 8, "threshold": 0.5, "precision": "fp32",
+                "config": {"vocab_size": 262, "context_length": 32, "emb_dim": 16, "n_heads": 2, "n_layers": 2}}
 
 
 def tiny_classifier(rank=4, alpha=8, targets=None, n_classes=2, seed=0, cfg=None, lora_seed=None):
@@ -621,7 +823,8 @@ def test_lora_layer_shapes_init_and_scaling():
     with torch.no_grad():
         layer.B.normal_()
     x = torch.randn(2, 5, 12)
-    torch.testing.assert_close(layer(x), 2.0 * x @ layer.A @ layer.B)
+    h = torch.randn(2, 5, 20)
+    torch.testing.assert_close(layer.add_(h.clone(), x), h + 2.0 * x @ layer.A @ layer.B)
 
 
 def test_linear_with_lora_computes_w0x_plus_scaled_bax():
@@ -774,7 +977,7 @@ def test_merge_of_a_bf16_model_is_formed_in_float32():
 
 def test_save_then_load_reproduces_outputs_exactly(tmp_path):
     model = train_steps(tiny_classifier(seed=0))
-    lora.save_adapter(model, tmp_path / "a.pt", {"model": "tiny", "labels": ["ham", "spam"]})
+    lora.save_adapter(model, tmp_path / "a.pt", {**ADAPTER_META, "model": "tiny"})
     fresh = tiny_classifier(seed=0, lora_seed=123).eval()  # same base, other random A and head
     ids = torch.randint(0, TINY_VOCAB, (2, 8))
     with torch.no_grad():
@@ -787,7 +990,7 @@ def test_save_then_load_reproduces_outputs_exactly(tmp_path):
 
 def test_adapter_file_holds_only_lora_and_head(tmp_path):
     model = tiny_classifier()
-    lora.save_adapter(model, tmp_path / "a.pt")
+    lora.save_adapter(model, tmp_path / "a.pt", ADAPTER_META)
     _, tensors = lora.read_adapter(tmp_path / "a.pt")
     assert all(".lora." in n or n.startswith("out_head.") for n in tensors)
     assert sum(t.numel() for t in tensors.values()) == lora.count_parameters(model)[0]
@@ -799,7 +1002,7 @@ def test_rank16_adapter_of_124m_is_about_10_6_mb(tmp_path):
     model = model.to_empty(device="cpu")  # values are irrelevant here, only sizes
     lora.replace_linear_with_lora(model, rank=16, alpha=16)
     model.out_head = torch.nn.Linear(768, 2)
-    lora.save_adapter(model, tmp_path / "a.pt")
+    lora.save_adapter(model, tmp_path / "a.pt", ADAPTER_META)
     size = (tmp_path / "a.pt").stat().st_size
     assert 2_655_746 * 4 <= size < 2_655_746 * 4 + 200_000  # 10.62 MB of float32 plus a small index
 
@@ -813,7 +1016,7 @@ def test_rank16_adapter_of_124m_is_about_10_6_mb(tmp_path):
 ])
 def test_loading_an_adapter_into_another_layout_fails_clearly(tmp_path, change, message):
     model = tiny_classifier()
-    lora.save_adapter(model, tmp_path / "a.pt")
+    lora.save_adapter(model, tmp_path / "a.pt", ADAPTER_META)
     other = tiny_classifier(**{"rank": 4, "alpha": 8, **change})
     before = {n: p.detach().clone() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match=message):
@@ -823,13 +1026,14 @@ def test_loading_an_adapter_into_another_layout_fails_clearly(tmp_path, change, 
 
 def test_truncated_or_foreign_adapter_files_are_refused(tmp_path):
     model = tiny_classifier()
-    lora.save_adapter(model, tmp_path / "a.pt")
+    lora.save_adapter(model, tmp_path / "a.pt", ADAPTER_META)
     raw = (tmp_path / "a.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
-    torch.save({"some": torch.zeros(2)}, tmp_path / "other.pt")
+    gpt2.write_safetensors({"some": np.zeros(2, np.float32)}, tmp_path / "other.pt")
+    torch.save({"some": torch.zeros(2)}, tmp_path / "old.pt")
     (tmp_path / "text.pt").write_text("hello")
     for name, message in [("cut.pt", "not a readable adapter"), ("other.pt", "not a LoRA adapter"),
-                          ("text.pt", "not a readable adapter")]:
+                          ("text.pt", "not a readable adapter"), ("old.pt", "old pickle format.*retrain")]:
         with pytest.raises(ValueError, match=message):
             lora.load_adapter(model, tmp_path / name)
     with pytest.raises(FileNotFoundError):
@@ -850,7 +1054,7 @@ def test_a_pickle_that_would_run_code_is_refused_without_running(tmp_path):
     victim = tmp_path / "pwned.txt"
     torch.save({"format": lora.ADAPTER_FORMAT, "payload": _CreatesAFile(victim)}, tmp_path / "evil.pt")
     assert not victim.exists()
-    with pytest.raises(ValueError, match="not a readable adapter"):
+    with pytest.raises(ValueError, match="old pickle format, which is never loaded"):
         lora.load_adapter(tiny_classifier(), tmp_path / "evil.pt")
     assert not victim.exists()
 
@@ -885,9 +1089,10 @@ def test_parse_splits_on_the_first_tab_only_and_keeps_quotes(tmp_path):
 def test_parse_counts_replaced_invalid_utf8(tmp_path):
     path = tmp_path / "sms.tsv"
     path.write_bytes("ham\tok £5\nspam\tbad \xff\xfe byte\n".encode("utf-8").replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe"))
-    messages, replaced = data.read_messages(path)
+    messages, notes = data.read_messages(path)
     assert messages[0] == ("ok £5", 0)
-    assert messages[1][0].startswith("bad \ufffd") and replaced == 2
+    assert messages[1][0].startswith("bad \ufffd")
+    assert notes == [f"note: 2 invalid UTF-8 sequence(s) in {path} were replaced by U+FFFD (the first on line 2)"]
 
 
 def test_parse_accepts_the_zip_and_user_csv_files(tmp_path):
@@ -953,8 +1158,8 @@ def test_split_refuses_too_few_messages():
 
 @pytest.mark.skipif(not (SHARED / "SMSSpamCollection").exists(), reason="../shared/data/SMSSpamCollection absent")
 def test_real_sms_collection_counts_and_split_sizes():
-    messages, replaced = data.read_messages(SHARED / "SMSSpamCollection")
-    assert len(messages) == 5_574 and replaced == 0
+    messages, notes = data.read_messages(SHARED / "SMSSpamCollection")
+    assert len(messages) == 5_574 and notes == []
     assert sum(1 for _, label in messages if label == 0) == 4_827
     assert sum(label for _, label in messages) == 747
     splits = data.split_dataset(messages, seed=42)
@@ -973,7 +1178,7 @@ def test_collate_pads_to_the_longest_in_the_batch(tiny_tokenizer):
     assert input_ids.tolist() == [[5, 6, 7], [8, 99, 99], [9, 10, 99]]
     assert last_index.tolist() == [2, 0, 1] and labels.tolist() == [1, 0, 1]
     assert input_ids.dtype == last_index.dtype == torch.long
-    assert data.collate(batch, pad_to=6)[0].shape == (3, 6)
+    assert data.collate(batch, pad_id=99, pad_to=6)[0].shape == (3, 6)
 
 
 def test_dataset_max_length_defaults_to_longest_and_truncates_others(tiny_tokenizer):
@@ -1029,11 +1234,23 @@ def test_download_sms_extracts_only_the_member_under_our_name(http_server, tmp_p
         zf.writestr("../escaped.txt", "must never be written")
     http_server.files["/sms.zip"] = buf.getvalue()
     monkeypatch.setattr(data, "SMS_URL", url_of(http_server, "/sms.zip"))
+    monkeypatch.setattr(data, "SMS_SHA256", hashlib.sha256(b"ham\thi\nspam\twin\n").hexdigest())
     path = data.download_sms(cache_dir=tmp_path / "cache")
     assert path == tmp_path / "cache" / "sms" / "SMSSpamCollection"
     assert path.read_text() == "ham\thi\nspam\twin\n"
     assert not list(tmp_path.rglob("escaped.txt"))
     assert data.download_sms(cache_dir=tmp_path / "cache") == path and len(http_server.requests) == 1
+
+
+def test_downloaded_sms_data_must_match_the_published_sha256(http_server, tmp_path, monkeypatch):
+    buf = __import__("io").BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("SMSSpamCollection", "ham\thi\nspam\twin\n")  # not the published file
+    http_server.files["/sms.zip"] = buf.getvalue()
+    monkeypatch.setattr(data, "SMS_URL", url_of(http_server, "/sms.zip"))
+    with pytest.raises(gpt2.DownloadError, match="not the published file"):
+        data.download_sms(cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*SMS*")) and not list((tmp_path / "cache").rglob("*.zip"))
 
 
 def test_data_cli_reports_counts_lengths_and_examples(tmp_path):
@@ -1066,13 +1283,14 @@ import train  # noqa: E402
 def workdir(tmp_path_factory):
     """A tiny model folder and a synthetic messages file, made once for the CLI tests."""
     root = tmp_path_factory.mktemp("cli")
-    gpt2.write_model_folder(root / "model", tiny_cfg(), random_tensors(tiny_cfg()))
+    write_model_folder(root / "model", tiny_cfg(), random_tensors(tiny_cfg()))
     write_tiny_bpe(root / "model")
     write_sms_file(root / "sms.txt", synthetic_messages(60, 20))
     return root
 
 
-TRAIN_ARGS = ["--epochs", "3", "--rank", "4", "--lr", "1e-2", "--log-every", "2"]
+# fp32: the same numbers on every machine (--precision auto picks bf16 only where it measures faster)
+TRAIN_ARGS = ["--epochs", "3", "--rank", "4", "--lr", "1e-2", "--log-every", "2", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -1090,7 +1308,7 @@ def test_train_prints_the_report_in_order(trained):
     steps = ["Model before LoRA", "(W_query): Linear(", "Model after LoRA", "(W_query): LinearWithLoRA(",
              f"trainable params: {n_lora:,} || all params: {hand_count(cfg) + n_lora:,} || trainable%: ",
              f"trainable params: {n_lora + 34:,} || all params: {hand_count(cfg) + n_lora + 34:,}",
-             "Epoch 1 | Batch 0 | Loss: ", "Epoch 1 | Batch 2 | Loss: ", "Epoch 1 Finished | Avg Loss: ",
+             "Epoch 1 | Batch 0/", "Epoch 1 | Batch 2/", "Epoch 1 Finished | Avg Loss: ",
              "Epoch 3 Finished", "Test Set Accuracy: ", "Spam precision: ", "Confusion matrix",
              "False positives on the 40 unused ham messages: "]
     positions = [out.find(s) for s in steps]
@@ -1123,7 +1341,7 @@ def test_train_is_reproducible_for_a_seed(workdir, tmp_path):
     for run in runs:
         for h in run["history"]:
             h.pop("seconds")
-        run.pop("args")
+        run.pop("args"), run.pop("run_id")  # a fresh random id ties each run's adapter to its metrics
     assert runs[0] == runs[1]
     _, a = lora.read_adapter(tmp_path / "x.pt")
     _, b = lora.read_adapter(tmp_path / "y.pt")
@@ -1132,7 +1350,7 @@ def test_train_is_reproducible_for_a_seed(workdir, tmp_path):
 
 def test_predict_prints_text_label_and_confidence(trained):
     _, adapter = trained
-    result = run_script("predict.py", "--adapter", adapter, "WIN a FREE prize 7 now call 0900", "hey are we still on for lunch")
+    result = run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "WIN a FREE prize 7 now call 0900", "hey are we still on for lunch")
     assert result.returncode == 0, result.stderr
     blocks = result.stdout.split("-" * 30 + "\n")
     assert re.fullmatch(r"Text: 'WIN a FREE prize 7 now call 0900'\nPrediction: SPAM \(Confidence: \d\.\d\d\)\n", blocks[0])
@@ -1142,7 +1360,7 @@ def test_predict_prints_text_label_and_confidence(trained):
 
 def test_predict_json_and_stdin_with_invalid_utf8(trained):
     _, adapter = trained
-    result = subprocess.run([sys.executable, "predict.py", "--adapter", str(adapter), "--json", "-"],
+    result = subprocess.run([sys.executable, "predict.py", "--precision", "fp32", "--adapter", str(adapter), "--json", "-"],
                             input=b"WIN a FREE prize now call 0900\nhey \xff lunch ok\n", capture_output=True,
                             cwd=HERE, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -1163,7 +1381,7 @@ def test_predict_matches_the_unmerged_trained_model(trained, workdir):
     text = "WIN a FREE prize 3 now"
     with torch.no_grad():
         want = torch.softmax(model(torch.tensor([tok.encode_ordinary(text)]))[0, -1], -1)[1].item()
-    result = run_script("predict.py", "--adapter", adapter, "--json", text)
+    result = run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "--json", text)
     assert abs(json.loads(result.stdout)["spam_probability"] - want) < 1e-5
 
 
@@ -1182,7 +1400,7 @@ def test_predict_rebuilds_an_adapter_with_other_targets_rank_and_alpha(workdir, 
 
 def test_predict_truncates_long_messages_with_a_note(trained):
     _, adapter = trained
-    result = run_script("predict.py", "--adapter", adapter, "hello " * 200)
+    result = run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "hello " * 200)
     assert result.returncode == 0 and "truncated to the first" in result.stderr and "Prediction:" in result.stdout
 
 

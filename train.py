@@ -4,6 +4,7 @@ The recipe of Raschka's "Build a Large Language Model (From Scratch)", appendix 
 way its own experiments recommend: GPT-2 is frozen; LoRA adapters (Hu et al. 2021) go on every
 Linear layer; the 50,257-way output head is replaced by a trainable 2-way one; and each message
 is classified from the logits at its last real token, with batches padded only as far as needed.
+The run has four steps, each a function below: build, fit, evaluate, save.
 
 Usage:
     python train.py --rank 16                         # downloads GPT-2 124M and the data once
@@ -13,14 +14,23 @@ Usage:
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
+    import signal
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("train.py: interrupted; nothing was saved\n"),
+                                             sys.exit(130)))
+
 import argparse
 import json
 import math
-import sys
+import os
+import secrets
+import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import torch
 import torch.nn as nn
@@ -29,66 +39,19 @@ import data
 import gpt2
 import lora
 
-DEFAULT_OUT = "spam_lora.pt"
+DEFAULT_OUT = "spam_lora.safetensors"
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the validation report shows precision and recall
 
 
-def add_classification_head(model: gpt2.GPTModel, num_classes: int):
-    """Replace the 50,257-way LM head by a fresh, trainable (and no longer tied) num_classes-way one."""
-    # Assigning a new module unties it from tok_emb; a fresh nn.Linear is trainable by default, so
-    # after freeze_and_activate_lora the trainable set is exactly the LoRA matrices plus this head.
-    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=model.tok_emb.weight.device)
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
 
 
-def logits_at_last_token(model, input_ids, last_index):
-    """Class logits (B, num_classes) read at each message's last real token."""
-    logits = model(input_ids)  # (B, T, num_classes)
-    # Only the last real token has attended to the whole message (attention is causal); positions
-    # after it are padding. Row b takes position last_index[b]: (B, T, K) -> (B, K).
-    return logits[torch.arange(len(last_index), device=logits.device), last_index]
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on a GPU that supports it (the float32 LoRA and head weights stay float32)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.inference_mode()
-def predict_loader(model, loader, device) -> tuple[list[int], list[int], list[float]]:
-    """(predicted labels, true labels, spam probabilities) over a whole loader."""
-    model.eval()
-    preds, labels, spam_probs = [], [], []
-    for input_ids, last_index, y in loader:
-        with autocast_for(device):
-            logits = logits_at_last_token(model, input_ids.to(device), last_index.to(device))
-        probs = torch.softmax(logits.float(), dim=-1)  # (B, 2): P(ham), P(spam)
-        preds += probs.argmax(-1).tolist()
-        spam_probs += probs[:, 1].tolist()
-        labels += y.tolist()
-    return preds, labels, spam_probs
-
-
-def binary_metrics(preds, labels) -> dict:
-    """Accuracy, and precision / recall / F1 for the spam class, from the 2x2 confusion matrix."""
-    # spam is the positive class: precision = how many flagged messages were spam, recall = how many
-    # spam messages were flagged
-    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
-    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
-    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
-    tn = sum(p == 0 and y == 0 for p, y in zip(preds, labels))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / max(len(labels), 1), "precision": precision, "recall": recall, "f1": f1,
-            "confusion": {"ham_as_ham": tn, "ham_as_spam": fp, "spam_as_ham": fn, "spam_as_spam": tp}}
-
-
-def train_step(model, optimizer, input_ids, last_index, labels, device):
+def train_step(model, optimizer, input_ids, last_index, labels, precision="fp32"):
     """One optimizer step on one batch; returns (loss, logits (B, 2))."""
-    with autocast_for(device):
-        logits = logits_at_last_token(model, input_ids, last_index)  # (B, 2)
-    loss = nn.functional.cross_entropy(logits.float(), labels)  # the loss itself in float32
+    with gpt2.autocast_for(input_ids.device, precision):
+        logits = gpt2.logits_at_last_token(model, input_ids, last_index)  # (B, 2), float32
+    loss = nn.functional.cross_entropy(logits, labels)  # the loss itself in float32
     # set_to_none: gradients are freed between steps instead of being zeroed and kept
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -96,19 +59,136 @@ def train_step(model, optimizer, input_ids, last_index, labels, device):
     return loss, logits
 
 
-def train_epoch(model, loader, optimizer, device, epoch, log_every):
-    """One pass over the training data; returns (average loss, training accuracy)."""
+def train_epoch(model, loader, optimizer, device, epoch, log_every, precision="fp32", clock=None):
+    """One pass over the training data; returns (average loss, accuracy, [(batch, loss) logged]).
+
+    clock: (start time, batches done before this epoch, batches in the whole run), for the ETA."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, logged = 0.0, 0, 0, []
     for batch, (input_ids, last_index, labels) in enumerate(loader):
         input_ids, last_index, labels = input_ids.to(device), last_index.to(device), labels.to(device)
-        loss, logits = train_step(model, optimizer, input_ids, last_index, labels, device)
-        total_loss += loss.item() * len(labels)  # batches differ in size: weight by messages
+        loss, logits = train_step(model, optimizer, input_ids, last_index, labels, precision)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise ValueError(f"the loss became {value} in epoch {epoch}, batch {batch}; training stopped and "
+                             "nothing was saved. Try a smaller --lr")
+        total_loss += value * len(labels)  # batches differ in size: weight by messages
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += len(labels)
         if batch % log_every == 0:
-            print(f"Epoch {epoch} | Batch {batch} | Loss: {loss.item():.4f}", flush=True)
-    return total_loss / seen, correct / seen
+            logged.append((batch, value))
+            print(f"Epoch {epoch} | Batch {batch}/{len(loader)} | Loss: {value:.4f}{eta(clock, batch + 1)}", flush=True)
+    return total_loss / seen, correct / seen, logged
+
+
+def eta(clock, batches_done_now) -> str:
+    """' | 0:42 left' for the whole run, from the pace of the batches so far."""
+    if clock is None:
+        return ""
+    start, done_before, total = clock
+    done = done_before + batches_done_now
+    left = (time.perf_counter() - start) / done * (total - done)
+    return f" | {int(left // 60)}:{int(left % 60):02d} left"
+
+
+@torch.inference_mode()
+def spam_probabilities(model, loader, device, precision="fp32", name=None):
+    """(true labels, P(spam) of each message, mean cross-entropy) over a whole loader."""
+    model.eval()
+    labels, probs, loss_sum = [], [], 0.0
+    started = time.perf_counter()
+    for batch, (input_ids, last_index, y) in enumerate(loader, start=1):
+        with gpt2.autocast_for(device, precision):
+            logits = gpt2.logits_at_last_token(model, input_ids.to(device), last_index.to(device))  # (B, 2)
+        loss_sum += nn.functional.cross_entropy(logits, y.to(device), reduction="sum").item()
+        probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
+        labels += y.tolist()
+        if name and batch % 50 == 0:  # a large split (4,080 unused messages) shows its progress
+            print(f"Evaluating {name} | Batch {batch}/{len(loader)}{eta((started, 0, len(loader)), batch)}", flush=True)
+    return labels, probs, loss_sum / max(len(labels), 1)
+
+
+def binary_metrics(labels, probs, threshold=0.5) -> dict:
+    """Accuracy, and precision / recall / F1 for the spam class, calling spam P(spam) >= threshold."""
+    # spam is the positive class: precision = how many flagged messages were spam, recall = how many
+    # spam messages were flagged
+    preds = [int(p >= threshold) for p in probs]
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    tn = sum(p == 0 and y == 0 for p, y in zip(preds, labels))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"threshold": threshold, "accuracy": (tp + tn) / max(len(labels), 1), "precision": precision,
+            "recall": recall, "f1": f1,
+            "confusion": {"ham_as_ham": tn, "ham_as_spam": fp, "spam_as_ham": fn, "spam_as_spam": tp}}
+
+
+def roc_auc(labels, probs) -> float | None:
+    """P(a random spam message scores above a random ham one), ties counting 1/2 (Mann-Whitney U)."""
+    spam = [p for p, y in zip(probs, labels) if y == 1]
+    ham = [p for p, y in zip(probs, labels) if y == 0]
+    if not spam or not ham:
+        return None
+    ranked = sorted(probs)
+    rank = {}  # the average 1-based rank of each distinct score, so that ties share it
+    for i, p in enumerate(ranked, start=1):
+        rank.setdefault(p, []).append(i)
+    u = sum(sum(rank[p]) / len(rank[p]) for p in spam) - len(spam) * (len(spam) + 1) / 2
+    return u / (len(spam) * len(ham))
+
+
+# ----------------------------------------------------------------------------------------------
+# The curves: a plain SVG, two panels (loss; accuracy) over the epochs
+
+
+def curves_svg(batch_losses, history, width=880, height=340) -> str:
+    """Training loss per logged batch and validation loss per epoch (left), train and validation
+    accuracy per epoch (right). Each polyline carries its values as JSON in data-values."""
+    epochs = max(len(history), 1)
+    top_loss = max([y for _, y in batch_losses] + [h["val_loss"] for h in history] + [1e-9]) * 1.05
+    panels = [("Loss", "loss", top_loss, [("train-loss", "training loss (per logged batch)", batch_losses, "#0072B2", ""),
+                                          ("val-loss", "validation loss", [(h["epoch"], h["val_loss"]) for h in history], "#D55E00", "6 4")]),
+              ("Accuracy", "accuracy (%)", 100, [("train-acc", "training accuracy", [(h["epoch"], 100 * h["train_accuracy"]) for h in history], "#0072B2", ""),
+                                                 ("val-acc", "validation accuracy", [(h["epoch"], 100 * h["val_accuracy"]) for h in history], "#D55E00", "6 4")])]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="13"><rect width="100%" height="100%" fill="white"/>']
+    w, h = width / 2 - 90, height - 110  # each plot area; margins hold the axes, title and legend
+    for i, (title, ylabel, top, series) in enumerate(panels):
+        x0, y0 = i * width / 2 + 65, 55  # the plot area's top-left corner
+
+        def px(x, y):
+            return x0 + w * x / epochs, y0 + h * (1 - y / top)
+        out.append(f'<text x="{x0 + w / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>')
+        out.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#888"/>')
+        for k in range(6):  # five steps on the y axis, one tick per epoch on the x axis
+            _, y = px(0, top * k / 5)
+            out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{top * k / 5:.{0 if top >= 10 else 2}f}</text>')
+        for e in range(epochs + 1):
+            x, _ = px(e, 0)
+            out.append(f'<text x="{x:.1f}" y="{y0 + h + 18}" text-anchor="middle">{e}</text>')
+        out.append(f'<text x="{x0 + w / 2}" y="{y0 + h + 38}" text-anchor="middle">epoch</text>')
+        out.append(f'<text transform="translate({x0 - 48},{y0 + h / 2}) rotate(-90)" text-anchor="middle">{ylabel}</text>')
+        for j, (sid, label, points, colour, dash) in enumerate(series):
+            pixels = " ".join("%.1f,%.1f" % px(x, y) for x, y in points)
+            out.append(f'<polyline id="{sid}" data-values="{escape(json.dumps(points))}" points="{pixels}" fill="none" '
+                       f'stroke="{colour}" stroke-width="2" stroke-dasharray="{dash}"/>')
+            out += [f'<circle cx="%.1f" cy="%.1f" r="3.5" fill="{colour}"/>' % px(x, y) for x, y in points if sid != "train-loss"]
+            ly = y0 + h + 58 + 0 * j
+            lx = x0 + j * w / 2
+            out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 24}" y2="{ly - 4}" stroke="{colour}" stroke-width="2" '
+                       f'stroke-dasharray="{dash}"/><text x="{lx + 30}" y="{ly}">{label}</text>')
+        kept = [r["epoch"] for r in history if r.get("kept")]
+        for e in kept:
+            x, _ = px(e, 0)
+            out.append(f'<line class="kept" x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + h}" stroke="#555" '
+                       f'stroke-dasharray="2 3"/><text x="{x + 4:.1f}" y="{y0 + 14}" fill="#555">kept</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
 
 
 def parse_args(argv=None):
@@ -129,23 +209,36 @@ def parse_args(argv=None):
                    help="truncate messages to this many tokens (default: the longest training message)")
     p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
                    help="batch messages of similar length together (less padding); --no-bucket: random batches")
+    p.add_argument("--keep", choices=("best", "last"), default="best",
+                   help="which epoch's adapter to save: the one with the lowest validation loss, or the last")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="P(spam) at or above which a message is called spam; stored in the adapter")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the batch order and the init")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    p.add_argument("--out", default=DEFAULT_OUT, help="adapter file to write; metrics go to <out>.metrics.json")
+    p.add_argument("--device", default="auto", help=gpt2.DEVICE_HELP)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=gpt2.PRECISION_HELP)
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="adapter file to write; beside it <out>.metrics.json and <out>.curves.svg")
     p.add_argument("--eval-unused", action="store_true",
                    help="also report the false-positive rate on the ham messages left out by balancing")
     p.add_argument("--log-every", type=int, default=10, help="print the loss every this many batches")
     args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p, args):
+    """Every argument checked before anything is loaded: one line and exit 2 for the first bad one."""
     checks = [
-        (args.epochs >= 1, "--epochs must be at least 1"),
-        (args.batch_size >= 1, "--batch-size must be at least 1"),
-        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a number > 0"),
-        (args.weight_decay >= 0, "--weight-decay must be 0 or more"),
-        (args.max_length is None or 1 <= args.max_length <= data.CONTEXT_LENGTH,
-         f"--max-length must be between 1 and {data.CONTEXT_LENGTH}"),
-        (args.log_every >= 1, "--log-every must be at least 1"),
-        (Path(args.out).parent.is_dir(), f"--out {args.out}: folder {Path(args.out).parent} does not exist"),
-        (not Path(args.out).is_dir(), f"--out {args.out} is a folder; give a file name such as {DEFAULT_OUT}"),
+        (1 <= args.epochs <= 100_000, "--epochs must be at least 1 and at most 100,000"),
+        (1 <= args.batch_size <= 65_536, "--batch-size must be at least 1 and at most 65,536"),
+        (math.isfinite(args.lr) and 0 < args.lr <= 10, "--lr must be a number > 0 and at most 10"),
+        (math.isfinite(args.weight_decay) and 0 <= args.weight_decay <= 10, "--weight-decay must be between 0 and 10"),
+        (math.isfinite(args.alpha), "LoRA alpha must be a number > 0 (finite)"),
+        (0 <= args.threshold <= 1, "--threshold must be a probability between 0 and 1"),
+        (args.max_length is None or 1 <= args.max_length <= gpt2.CONFIG_BOUNDS["context_length"],
+         "--max-length must be at least 1 (and at most the model's context)"),
+        (1 <= args.log_every <= 10**9, "--log-every must be at least 1"),
+        (0 <= args.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -154,96 +247,164 @@ def parse_args(argv=None):
         lora.check_lora_hparams(args.rank, args.alpha, args.lora_dropout)
         args.targets = lora.parse_targets(args.targets)
         args.model = gpt2.resolve_size(args.model)
+        check_out(Path(args.out))
     except ValueError as e:
         p.error(str(e))
     if args.alpha == int(args.alpha):
         args.alpha = int(args.alpha)  # 16, not 16.0, in the printout and the adapter file
-    return args
 
 
-def run(args):
-    device = gpt2.pick_device(args.device)
+def check_out(out: Path):
+    """--out must be a regular file we can create beside, on a disk with room: found now, not after
+    the whole training."""
+    folder = out.parent
+    if out.is_dir() or (out.exists() and not out.is_file()):
+        raise ValueError(f"--out {out} is a folder or a device; give a file name such as {DEFAULT_OUT}")
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: folder {folder} does not exist; create it or choose another --out")
+    probe = folder / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.probe"
+    try:
+        probe.open("xb").close()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror}); choose another --out") from None
+    if shutil.disk_usage(folder).free < 64 * 2**20:
+        raise ValueError(f"--out {out}: less than 64 MB free in {folder}; free some space or choose another --out")
+
+
+def build(args, device):
+    """The model, its tokenizer, the data loaders and the precision: everything before training."""
     torch.manual_seed(args.seed)  # LoRA's A and the new head are the only random initialisations
+    precision, why = gpt2.choose_precision(args.precision, device)
     folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
-    model, tokenizer = gpt2.load_model_and_tokenizer(folder, device=device)
-    messages, replaced = data.read_messages(data.data_path(args.data, args.cache_dir))
-    if replaced:
-        print(f"note: {replaced:,} invalid UTF-8 sequence(s) in the data were replaced by U+FFFD", file=sys.stderr)
+    messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))
+    for note in notes:
+        print(note, file=sys.stderr)
+    model, tokenizer = gpt2.load_model_and_tokenizer(
+        folder, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     splits = data.split_dataset(messages, seed=args.seed)
     if not args.eval_unused:
         splits.pop("unused")  # 4,080 messages: not worth tokenizing unless asked for
+    elif not splits["unused"]:
+        raise ValueError("--eval-unused: this data file leaves no unused messages (its classes are balanced)")
     loaders = data.make_loaders(splits, tokenizer, batch_size=args.batch_size, seed=args.seed,
                                 max_length=args.max_length, bucket=args.bucket,
                                 context_length=model.cfg.context_length)
-    max_length = loaders["train"].dataset.max_length
     print(f"Data: {len(splits['train']):,} train, {len(splits['val']):,} val, {len(splits['test']):,} test "
-          f"messages; max length {max_length} tokens; device {device}")
+          f"messages; max length {loaders['train'].dataset.max_length} tokens; device {device}")
+    print(f"precision: {precision} ({why})")
 
     print(f"\nModel before LoRA (the first of {len(model.trf_blocks)} transformer blocks):")
     print(model.trf_blocks[0])
-    lora.replace_linear_with_lora(model, args.rank, args.alpha, args.lora_dropout, targets=args.targets)
-    lora.freeze_and_activate_lora(model)
+    lora.build_classifier(model, len(data.LABELS), args.rank, args.alpha, args.lora_dropout, targets=args.targets)
     print("\nModel after LoRA:")
     print(model.trf_blocks[0])
-    lora.print_trainable_parameters(model)
-    add_classification_head(model, num_classes=len(data.LABELS))
+    lora.print_trainable_parameters(model, skip=("out_head",))  # the counts before the new head
     print("With the new classification head:")
     lora.print_trainable_parameters(model)
     print()
+    return model, folder, loaders, precision
 
+
+def fit(model, loaders, args, device, precision):
+    """Train for args.epochs; keep the adapter of the best (lowest validation loss) or last epoch.
+    Returns (history, logged batch losses as (epoch progress, loss), the kept epoch)."""
     # Only the trainable tensors go to the optimizer: the frozen 124M get no AdamW state at all
     # (AdamW keeps two extra tensors per parameter, which would triple the model's memory).
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    history = []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    history, curve, best, kept = [], [], math.inf, None
+    n = len(loaders["train"])
+    clock = (time.perf_counter(), 0, n * args.epochs)
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
-        avg_loss, train_acc = train_epoch(model, loaders["train"], optimizer, device, epoch, args.log_every)
-        val = binary_metrics(*predict_loader(model, loaders["val"], device)[:2])
+        avg_loss, train_acc, logged = train_epoch(model, loaders["train"], optimizer, device, epoch,
+                                                  args.log_every, precision, (clock[0], n * (epoch - 1), clock[2]))
+        curve += [(epoch - 1 + (batch + 1) / n, loss) for batch, loss in logged]
+        labels, probs, val_loss = spam_probabilities(model, loaders["val"], device, precision)
+        val_acc = binary_metrics(labels, probs, args.threshold)["accuracy"]
         seconds = time.perf_counter() - start
-        history.append({"epoch": epoch, "avg_loss": avg_loss, "train_accuracy": train_acc,
-                        "val_accuracy": val["accuracy"], "seconds": seconds})
+        history.append({"epoch": epoch, "avg_loss": avg_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+                        "val_accuracy": val_acc, "seconds": seconds})
         print(f"Epoch {epoch} Finished | Avg Loss: {avg_loss:.4f} | Acc: {100 * train_acc:.2f}% | "
-              f"Val Acc: {100 * val['accuracy']:.2f}% | Time: {seconds:.2f}s", flush=True)
+              f"Val Acc: {100 * val_acc:.2f}% | Time: {seconds:.2f}s", flush=True)
+        if args.keep == "last" or val_loss < best:  # a copy of what the adapter file would hold
+            best, kept = val_loss, {k: v.detach().clone() for k, v in lora.adapter_state(model).items()}
+            history[-1]["kept"] = True
+            for h in history[:-1]:
+                h.pop("kept", None)
+    with torch.no_grad():
+        for name, param in lora.adapter_state(model).items():
+            param.copy_(kept[name])
+    kept_epoch = next(h["epoch"] for h in history if h.get("kept"))
+    print(f"Kept the adapter of epoch {kept_epoch} ({'lowest validation loss' if args.keep == 'best' else 'the last'})")
+    return history, curve, kept_epoch
 
-    test = binary_metrics(*predict_loader(model, loaders["test"], device)[:2])
+
+def evaluate(model, loaders, args, device, precision) -> dict:
+    """Validation thresholds and ROC AUC, then the test set (and the unused ham) at --threshold."""
+    labels, probs, _ = spam_probabilities(model, loaders["val"], device, precision)
+    auc = roc_auc(labels, probs)
+    print(f"\nValidation: ROC AUC {auc:.4f}" if auc is not None else "\nValidation: ROC AUC undefined (one class)")
+    print("  threshold  spam precision  spam recall")
+    table = [binary_metrics(labels, probs, t) for t in sorted({*THRESHOLDS, args.threshold})]
+    for row in table:
+        print(f"  {row['threshold']:>9.2f}  {row['precision']:>14.4f}  {row['recall']:>11.4f}"
+              + ("   <- --threshold" if row["threshold"] == args.threshold else ""))
+    test = binary_metrics(*spam_probabilities(model, loaders["test"], device, precision)[:2], args.threshold)
     c = test["confusion"]
     print(f"\nTest Set Accuracy: {100 * test['accuracy']:.2f}%")
     print(f"Spam precision: {test['precision']:.4f} | recall: {test['recall']:.4f} | F1: {test['f1']:.4f}")
     print("Confusion matrix (rows: true label, columns: predicted):")
     print(f"{'':>10}{'ham':>8}{'spam':>8}\n{'ham':>10}{c['ham_as_ham']:>8,}{c['ham_as_spam']:>8,}\n"
           f"{'spam':>10}{c['spam_as_ham']:>8,}{c['spam_as_spam']:>8,}")
-    metrics = {"history": history, "test": test}
-    if args.eval_unused:
-        preds, _, _ = predict_loader(model, loaders["unused"], device)
-        false_pos = sum(preds)
-        metrics["unused"] = {"messages": len(preds), "false_positives": false_pos,
-                             "false_positive_rate": false_pos / len(preds)}
-        print(f"False positives on the {len(preds):,} unused ham messages: {false_pos:,} "
-              f"({100 * false_pos / len(preds):.2f}%)")
+    metrics = {"val": {"roc_auc": auc, "thresholds": table}, "test": test}
+    if "unused" in loaders:
+        _, probs, _ = spam_probabilities(model, loaders["unused"], device, precision, name="unused")
+        false_pos = sum(p >= args.threshold for p in probs)
+        metrics["unused"] = {"messages": len(probs), "false_positives": false_pos,
+                             "false_positive_rate": false_pos / len(probs)}
+        print(f"False positives on the {len(probs):,} unused ham messages: {false_pos:,} "
+              f"({100 * false_pos / len(probs):.2f}%)")
+    return metrics
 
+
+def save(model, folder, loaders, args, precision, metrics, curve):
+    """Metrics and curves first, the adapter last, all with one run id, and Ctrl-C held back while
+    they land: a reader never finds a new adapter beside another run's metrics."""
+    out = Path(args.out)
+    run_id = secrets.token_hex(8)
     # the size name predict.py would download if the folder is gone; from the folder's own shape
     size = next((name for name, cfg in gpt2.GPT2_SIZES.items() if cfg == model.cfg), args.model)
     meta = {"model": size, "model_dir": str(folder.resolve()), "weights_source": args.weights_source,
-            "config": asdict(model.cfg), "targets": list(args.targets) if args.targets else "all",
-            "max_length": max_length, "labels": list(data.LABELS), "seed": args.seed}
-    out = Path(args.out)
-    lora.save_adapter(model, out, meta)  # only A, B and the head: 10.7 MB for rank 16 on 124M
-    metrics["args"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    gpt2.atomic_write(out.with_name(out.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
-    print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB) and metrics to {out}.metrics.json")
+            "config": {k: v for k, v in asdict(model.cfg).items() if k in gpt2.CONFIG_BOUNDS},
+            "targets": list(args.targets) if args.targets else "all", "max_length": loaders["train"].dataset.max_length,
+            "labels": list(data.LABELS), "threshold": args.threshold, "precision": precision, "seed": args.seed,
+            "kept_epoch": metrics["kept_epoch"], "run_id": run_id}
+    metrics = {"run_id": run_id, "precision": precision, **metrics,
+               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+    with gpt2.interrupts_deferred() as interrupted:
+        gpt2.atomic_write(out.with_name(out.name + ".metrics.json"), json.dumps(metrics, indent=2) + "\n")
+        gpt2.atomic_write(out.with_name(out.name + ".curves.svg"), curves_svg(curve, metrics["history"]))
+        lora.save_adapter(model, out, meta)  # only A, B and the head: 10.7 MB for rank 16 on 124M
+    print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB), metrics to {out}.metrics.json "
+          f"and curves to {out}.curves.svg")
+    if interrupted:
+        sys.stderr.write("train.py: interrupted just as the adapter was being saved; it was saved\n")
+        sys.exit(130)
+
+
+def run(args):
+    device = gpt2.pick_device(args.device)
+    model, folder, loaders, precision = build(args, device)
+    history, curve, kept_epoch = fit(model, loaders, args, device, precision)
+    metrics = evaluate(model, loaders, args, device, precision)
+    save(model, folder, loaders, args, precision, {"history": history, "kept_epoch": kept_epoch, **metrics}, curve)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except KeyboardInterrupt:
-        print(f"\ntrain.py: interrupted; nothing was saved (an existing {args.out} is untouched)", file=sys.stderr)
-        sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
-    except (ValueError, OSError, gpt2.DownloadError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    gpt2.run_cli(lambda: run(parse_args(argv)), "train.py", expected=(data.DataError,),
+                 interrupted="interrupted; nothing was saved (an existing adapter is untouched)")
 
 
 if __name__ == "__main__":
