@@ -16,8 +16,10 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
+    import os
     import signal
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("gpt2.py: interrupted\n"), sys.exit(130)))
+    # os._exit, not sys.exit: the imports of numpy and torch swallow a SystemExit raised inside them
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("gpt2.py: interrupted\n"), sys.stderr.flush(), os._exit(130)))
 
 import argparse
 import contextlib
@@ -330,11 +332,10 @@ def _hf_to_openai(name: str) -> str:
 def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     """Build GPT-2 from a model folder (OpenAI's files or a model.safetensors), in eval mode.
 
-    The model is built on the meta device (no memory, no random initialisation), then the
-    checkpoint's tensors become its parameters: views of the memory-mapped file where the layout
-    allows, so a float32 load copies nothing on the CPU. dtype: the parameters' dtype; a bfloat16
-    model is cast once here, tensor by tensor, and keeps no float32 copy.
-    """
+    Built on the meta device (no memory, no random init), then the checkpoint's tensors become its
+    parameters: float32 ones as views of the memory-mapped file, so loading copies nothing. dtype is
+    that of the blocks' Linear layers (all the matmuls); bfloat16 ones are cast once, here, and
+    embeddings and LayerNorms stay float32, so the residual stream keeps full precision."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model folder {model_dir} does not exist; check --model-dir")
@@ -1164,12 +1165,16 @@ def read_safetensors_header(path) -> tuple[dict, dict[str, str], int]:
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
             raise CheckpointError(f"{where}: shape must be a list of non-negative integers, not {shape!r:.60}")
+        itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
+        # an empty tensor's other dimensions must still make an array numpy can describe
+        if len(shape) > 32 or math.prod(max(d, 1) for d in shape) * itemsize >= 2**63:
+            raise CheckpointError(f"{where}: shape {shape!r:.60} is beyond any array's size or dimensions")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise CheckpointError(f"{where}: data_offsets {offsets!r:.60} are not two integers 0 <= begin <= end")
         if offsets[1] > data_size:
             raise CheckpointError(f"{where} runs past the end of the {data_size:,} data bytes (truncated?)")
-        if offsets[1] - offsets[0] != math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize:
+        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
             raise CheckpointError(f"{where}: shape {shape} does not fit its {offsets[1] - offsets[0]:,} bytes")
         spans.append((offsets[0], offsets[1], name))
     end = 0

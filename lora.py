@@ -42,10 +42,10 @@ TARGET_GROUPS = {
 
 def check_lora_hparams(rank, alpha, dropout=0.0):
     """Raise ValueError unless rank is an integer >= 1, alpha > 0 and 0 <= dropout < 1."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or math.isinf(alpha):
-        raise ValueError(f"LoRA alpha must be a number > 0, got {alpha!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 65_536:
+        raise ValueError(f"LoRA rank must be an integer >= 1 (at most 65,536), got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1e9:
+        raise ValueError(f"LoRA alpha must be a number > 0 (at most 1e9, as an adapter file allows), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
@@ -318,8 +318,10 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}; train one with python train.py --out {path}")
     with open(path, "rb") as f:
-        start = f.read(8)
-    if start.startswith(b"PK\x03\x04") or start[:1] == b"\x80":  # a torch.save zip, or a raw pickle
+        start = f.read(9)
+    # a torch.save zip, or a raw pickle; a safetensors header (its JSON at byte 8) may also start
+    # with 0x80, when its length is 128 modulo 256
+    if start[8:9] != b"{" and (start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"):
         raise ValueError(f"{path} is an adapter of the old pickle format, which is never loaded (it could "
                          "run code); retrain with python train.py to get a .safetensors adapter")
     try:

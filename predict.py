@@ -17,8 +17,10 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
+    import os
     import signal
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("predict.py: interrupted\n"), sys.exit(130)))
+    # os._exit, not sys.exit: the imports of numpy and torch swallow a SystemExit raised inside them
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("predict.py: interrupted\n"), sys.stderr.flush(), os._exit(130)))
 
 import json
 import math

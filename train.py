@@ -143,7 +143,7 @@ def roc_auc(labels, probs) -> float | None:
 # The curves: a plain SVG, two panels (loss; accuracy) over the epochs
 
 
-def curves_svg(batch_losses, history, width=880, height=340) -> str:
+def curves_svg(batch_losses, history, width=880, height=380) -> str:
     """Training loss per logged batch and validation loss per epoch (left), train and validation
     accuracy per epoch (right). Each polyline carries its values as JSON in data-values."""
     epochs = max(len(history), 1)
@@ -154,7 +154,7 @@ def curves_svg(batch_losses, history, width=880, height=340) -> str:
                                                  ("val-acc", "validation accuracy", [(h["epoch"], 100 * h["val_accuracy"]) for h in history], "#D55E00", "6 4")])]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="13"><rect width="100%" height="100%" fill="white"/>']
-    w, h = width / 2 - 90, height - 110  # each plot area; margins hold the axes, title and legend
+    w, h = width / 2 - 90, height - 150  # each plot area; margins hold the axes, title and legend
     for i, (title, ylabel, top, series) in enumerate(panels):
         x0, y0 = i * width / 2 + 65, 55  # the plot area's top-left corner
 
@@ -175,15 +175,14 @@ def curves_svg(batch_losses, history, width=880, height=340) -> str:
             out.append(f'<polyline id="{sid}" data-values="{escape(json.dumps(points))}" points="{pixels}" fill="none" '
                        f'stroke="{colour}" stroke-width="2" stroke-dasharray="{dash}"/>')
             out += [f'<circle cx="%.1f" cy="%.1f" r="3.5" fill="{colour}"/>' % px(x, y) for x, y in points if sid != "train-loss"]
-            ly = y0 + h + 58 + 0 * j
-            lx = x0 + j * w / 2
+            lx, ly = x0, y0 + h + 64 + 20 * j  # the legend: one row per series, under the axis
             out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 24}" y2="{ly - 4}" stroke="{colour}" stroke-width="2" '
                        f'stroke-dasharray="{dash}"/><text x="{lx + 30}" y="{ly}">{label}</text>')
         kept = [r["epoch"] for r in history if r.get("kept")]
         for e in kept:
             x, _ = px(e, 0)
             out.append(f'<line class="kept" x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + h}" stroke="#555" '
-                       f'stroke-dasharray="2 3"/><text x="{x + 4:.1f}" y="{y0 + 14}" fill="#555">kept</text>')
+                       f'stroke-dasharray="2 3"/><text x="{x - 4:.1f}" y="{y0 + 14}" fill="#555" text-anchor="end">kept</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
