@@ -1,9 +1,11 @@
-"""Measure what users feel: training speed (and MFU), epoch time, load time, predict start-up, memory.
+"""Measure what users feel, in both precisions: training speed (and MFU), epoch time, load time,
+predict start-up and throughput, memory.
 
 Everything runs offline on random weights of the real shapes, so no download is needed; the epoch
-uses the real SMS training split when ../shared/data has it. Each figure is a median over repeated
-runs after a warm-up, with min and max. The machine's own matmul rate ("peak") is measured in the
-same process right before and after the timed work, since shared machines are noisy.
+uses the real SMS training and validation splits when ../shared/data has them. Each figure is a
+median over repeated runs after a warm-up, with min and max. The machine's own matmul rates
+("peak", fp32 and bf16) are measured in the same process right before and after the timed work,
+since shared machines are noisy; MFU divides by the peak of the precision in use.
 
 Model FLOPs of one training step (B sequences of T tokens, L layers, width C):
     4 N B T + 12 L B T^2 C + 6 N_lora B T
@@ -13,9 +15,9 @@ and their weighted sum, forward (4 L B T^2 C) and backward (twice that); N_lora:
 weights, which also get weight gradients (6 per token).
 
 Usage:
-    python bench.py                  # the full table (a few minutes on 2 CPU cores), writes bench.json
+    python bench.py                            # the full table, both precisions, writes bench.json
     python bench.py --quick --model tiny
-    python bench.py --only train_step
+    python bench.py --model 1558M --only train_step --quick     # GPT-2 XL: step time and memory
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ import train
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "data"
 SECTIONS = ("peak", "train_step", "epoch", "load", "predict", "memory")
+PRECISIONS = ("fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TINY = gpt2.GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
 FIXED_T = 120  # the reference course pads every message to its longest training message: 120 tokens
 
@@ -80,13 +84,13 @@ def timed(fn, runs, warmup=1, device=torch.device("cpu")):
 
 
 # ----------------------------------------------------------------------------------------------
-# peak: this machine's fp32 matmul rate
+# peak: this machine's matmul rate in each precision
 
 
-def matmul_rate(m, k, n, device, runs):
-    """GFLOP/s of an fp32 (m, k) @ (k, n) product: the best of runs, i.e. what the machine can do
-    when nothing else disturbs it (a noisy reading can only make it look slower)."""
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+def matmul_rate(m, k, n, device, runs, dtype=torch.float32):
+    """GFLOP/s of an (m, k) @ (k, n) product: the best of runs, i.e. what the machine can do when
+    nothing else disturbs it (a noisy reading can only make it look slower)."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
     times = timed(lambda: torch.mm(a, b), runs, warmup=2, device=device)
     return 2 * m * k * n / min(times) / 1e9
 
@@ -95,17 +99,21 @@ def measure_peak(cfg, device, runs, tokens):
     C = cfg.emb_dim
     shapes = {"2048x2048x2048": (2048, 2048, 2048), f"qkv {tokens}x{C}x{3 * C}": (tokens, C, 3 * C),
               f"fc {tokens}x{C}x{4 * C}": (tokens, C, 4 * C), f"proj {tokens}x{4 * C}x{C}": (tokens, 4 * C, C)}
-    return {name: matmul_rate(*shape, device, runs) for name, shape in shapes.items()}
+    return {p: {name: matmul_rate(*shape, device, runs, DTYPES[p]) for name, shape in shapes.items()}
+            for p in PRECISIONS}
 
 
 # ----------------------------------------------------------------------------------------------
 # train_step: forward + loss + backward + AdamW on B x T, with LoRA on every Linear
 
 
-def build_classifier(cfg, rank, device, seed=0):
+def build_classifier(cfg, rank, device, precision="fp32", seed=0):
+    """The classifier train.py trains, on random weights laid out as load_gpt2 lays them out: in
+    bf16 the blocks' Linear weights are bf16 from the start, so no float32 copy ever exists."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = gpt2.GPTModel(cfg)
+    gpt2.cast_matmuls(model, DTYPES[precision])
     model = model.to_empty(device=device)
     model.init_weights()
     return lora.build_classifier(model, 2, rank=rank, alpha=rank)
@@ -117,29 +125,29 @@ def step_flops(cfg, B, T, n_trainable):
     return 4 * n_frozen * B * T + 12 * L * B * T * T * C + 6 * n_trainable * B * T
 
 
-def make_step(model, optimizer, B, T, device):
+def make_step(model, optimizer, B, T, device, precision):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=gen).to(device)
     last = torch.full((B,), T - 1, device=device)
     labels = torch.randint(0, 2, (B,), generator=gen).to(device)
     model.train()
-    return lambda: train.train_step(model, optimizer, ids, last, labels)  # train.py's own step
+    return lambda: train.train_step(model, optimizer, ids, last, labels, precision)  # train.py's own step
 
 
-def bench_train_step(cfg, rank, device, steps, peak_runs, warmup=2, B=8, T=FIXED_T):
+def bench_train_step(cfg, rank, device, precision, steps, peak_runs, warmup=2, B=8, T=FIXED_T):
     """Runs in its own process (see --child) so that its peak RSS is its own."""
-    model = build_classifier(cfg, rank, device)
+    model = build_classifier(cfg, rank, device, precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.1)
-    step = make_step(model, optimizer, B, T, device)
-    peak_before = matmul_rate(2048, 2048, 2048, device, peak_runs)
+    step = make_step(model, optimizer, B, T, device, precision)
+    peak_before = matmul_rate(2048, 2048, 2048, device, peak_runs, DTYPES[precision])
     times = timed(step, steps, warmup=warmup, device=device)
-    peak_after = matmul_rate(2048, 2048, 2048, device, peak_runs)
+    peak_after = matmul_rate(2048, 2048, 2048, device, peak_runs, DTYPES[precision])
     flops = step_flops(cfg, B, T, sum(p.numel() for p in trainable))
     peak = max(peak_before, peak_after)  # the faster reading is the better estimate of the machine
     achieved = flops / statistics.median(times) / 1e9
-    return {"batch": [B, T], "seconds_per_step": statistics.median(times), "seconds": summary(times),
-            "examples_per_s": B / statistics.median(times), "flops_per_step": flops,
+    return {"precision": precision, "batch": [B, T], "seconds_per_step": statistics.median(times),
+            "seconds": summary(times), "examples_per_s": B / statistics.median(times), "flops_per_step": flops,
             "achieved_gflops": achieved, "peak_gflops_before": peak_before, "peak_gflops_after": peak_after,
             "mfu": achieved / peak, "peak_rss_mib": peak_rss_mib()}
 
@@ -169,7 +177,7 @@ finally:
 
 
 # ----------------------------------------------------------------------------------------------
-# epoch: dynamic padding + length buckets vs every message padded to 120 tokens, same code
+# epoch: train.py's epoch (training split + validation), and dynamic padding vs fixed 120 tokens
 
 
 class ByteTokenizer:
@@ -181,41 +189,54 @@ class ByteTokenizer:
 
 
 def epoch_splits():
-    """The real training split and GPT-2's tokenizer when ../shared/data has them, else synthetic."""
+    """The real splits and GPT-2's tokenizer when ../shared/data has them, else synthetic ones."""
     if (SHARED / "SMSSpamCollection").exists() and (SHARED / "gpt2-bpe" / "vocab.bpe").exists():
         splits = data.split_dataset(data.load_messages(SHARED / "SMSSpamCollection"), seed=42)
-        return splits, gpt2.load_tokenizer(SHARED / "gpt2-bpe"), "real SMS training split"
+        return splits, gpt2.load_tokenizer(SHARED / "gpt2-bpe"), "real SMS training + validation split"
     rng = random.Random(0)  # lengths spread like SMS token counts: median about 30, a long tail
-    lengths = [max(2, min(FIXED_T, int(rng.lognormvariate(3.3, 0.6)))) for _ in range(1045)]
-    train_msgs = [("a" * n, i % 2) for i, n in enumerate(lengths)]
-    return {"train": train_msgs}, ByteTokenizer(), "synthetic length distribution (no ../shared/data)"
+    lengths = [max(2, min(FIXED_T, int(rng.lognormvariate(3.3, 0.6)))) for _ in range(1045 + 149)]
+    msgs = [("a" * n, i % 2) for i, n in enumerate(lengths)]
+    return {"train": msgs[:1045], "val": msgs[1045:]}, ByteTokenizer(), "synthetic length distribution (no ../shared/data)"
 
 
-def bench_epoch(cfg, rank, device, quick):
+def time_epoch(model, loaders, optimizer, device, precision, batches=None):
+    """Seconds of train.py's epoch (all or the first `batches` training batches, then validation)."""
+    train_batches = list(itertools.islice(loaders["train"], batches))
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.train_epoch(model, train_batches[:1], optimizer, device, 1, 10**9, precision)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        train.train_epoch(model, train_batches, optimizer, device, 1, 10**9, precision)
+        if "val" in loaders:
+            train.spam_probabilities(model, loaders["val"], device, precision)
+        sync(device)
+    return time.perf_counter() - start
+
+
+def bench_epoch(cfg, rank, device, quick, chosen):
     splits, tokenizer, source = epoch_splits()
-    splits = {"train": splits["train"][:32] if quick else splits["train"]}
-    results = {"data": source, "messages": len(splits["train"])}
-    model = build_classifier(cfg, rank, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    for name, kwargs in (("dynamic_bucketed", dict(bucket=True)),
-                         ("fixed_120", dict(bucket=False, pad_to=FIXED_T, max_length=FIXED_T))):
-        loader = data.make_loaders(splits, tokenizer, batch_size=8, seed=42,
-                                   context_length=cfg.context_length, **kwargs)["train"]
-        batches = len(loader)
-        # every fixed-padding batch has the same shape (8 x 120), so a few of them time them all
-        timed_batches = batches if name == "dynamic_bucketed" else min(batches, 1 if quick else 12)
-        with quiet:
-            train.train_epoch(model, list(itertools.islice(loader, 1)), optimizer, device, 1, 10**9)  # warm-up
-            sync(device)
-            start = time.perf_counter()
-            train.train_epoch(model, list(itertools.islice(loader, timed_batches)), optimizer, device, 1, 10**9)
-            sync(device)
-        seconds = (time.perf_counter() - start) * batches / timed_batches
-        lengths = loader.dataset.lengths()
-        tokens = (sum(max(lengths[i] for i in b) * len(b) for b in loader.batch_sampler) if kwargs["bucket"]
-                  else FIXED_T * len(lengths))  # the tokens the model actually processes, padding included
-        results[name] = {"seconds": seconds, "batches": batches, "timed_batches": timed_batches,
+    splits = {"train": splits["train"][:32], "val": splits["val"][:16]} if quick else splits
+    results = {"data": source, "messages": len(splits["train"]), "val_messages": len(splits["val"])}
+    loaders = data.make_loaders(splits, tokenizer, batch_size=8, seed=42, context_length=cfg.context_length)
+    for precision in PRECISIONS:  # the whole epoch as train.py times it, in each precision
+        model = build_classifier(cfg, rank, device, precision)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        results[f"train_and_val_{precision}_s"] = time_epoch(model, loaders, optimizer, device, precision)
+    results["precision_ratio"] = results[f"train_and_val_{chosen}_s"] / results["train_and_val_fp32_s"]
+    # dynamic padding against the reference course's fixed 120 tokens, in the chosen precision; every
+    # fixed batch has the same shape (8 x 120), so a few of them time them all
+    fixed = data.make_loaders({"train": splits["train"]}, tokenizer, batch_size=8, seed=42, bucket=False,
+                              pad_to=FIXED_T, max_length=FIXED_T, context_length=cfg.context_length)
+    train_only = {"train": loaders["train"]}
+    for name, loader_set, timed_batches in (("dynamic_bucketed", train_only, None),
+                                             ("fixed_120", fixed, 1 if quick else 12)):
+        batches = len(loader_set["train"])
+        seconds = time_epoch(model, loader_set, optimizer, device, chosen, timed_batches)
+        seconds *= batches / (timed_batches or batches)
+        lengths = loader_set["train"].dataset.lengths()
+        tokens = (sum(max(lengths[i] for i in b) * len(b) for b in loader_set["train"].batch_sampler)
+                  if name == "dynamic_bucketed" else FIXED_T * len(lengths))  # padding included
+        results[name] = {"seconds": seconds, "batches": batches, "timed_batches": timed_batches or batches,
                          "tokens_with_padding": tokens}
     results["ratio"] = results["fixed_120"]["seconds"] / results["dynamic_bucketed"]["seconds"]
     return results
@@ -249,27 +270,28 @@ def bench_load(cfg, work, runs):
                 f.read()
         read = timed(read_once, runs)
         load = timed(lambda: gpt2.load_gpt2(folder), runs)
+        load_bf16 = timed(lambda: gpt2.load_gpt2(folder, dtype=torch.bfloat16), runs)
         model = gpt2.load_gpt2(folder)
         ids = torch.zeros(1, 8, dtype=torch.long)
         with torch.inference_mode():
             first = timed(lambda: model(ids), 1, warmup=0)  # pages the weights in (already cached here)
         results[fmt] = {"seconds": statistics.median(load), "load": summary(load),
-                        "read_seconds": statistics.median(read), "read": summary(read),
-                        "first_forward_s": first[0], "file_mb": data_file.stat().st_size / 1e6}
+                        "bf16_seconds": statistics.median(load_bf16), "read_seconds": statistics.median(read),
+                        "read": summary(read), "first_forward_s": first[0], "file_mb": data_file.stat().st_size / 1e6}
     results["seconds"], results["read_seconds"] = results["openai"]["seconds"], results["openai"]["read_seconds"]
     return results
 
 
 # ----------------------------------------------------------------------------------------------
-# predict: cold start of the whole command, and batch-1 latency merged vs unmerged
+# predict: the whole command (cold start, 1,000 messages on stdin) and batch-1 latency
 
 
-def run_timed(cmd) -> float:
+def run_timed(cmd, stdin=None) -> float:
     """Wall seconds of one whole command, start-up included."""
     start = time.perf_counter()
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    result = subprocess.run(cmd, input=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE)
     if result.returncode:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {result.stderr.strip()[-300:]}")
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {result.stderr.decode().strip()[-300:]}")
     return time.perf_counter() - start
 
 
@@ -283,24 +305,47 @@ def script_peak_rss_mib(script_and_args) -> float:
     return float(last.split()[1])
 
 
+def thousand_messages() -> bytes:
+    """1,000 SMS texts, one a line: the real ones when ../shared/data has them."""
+    if (SHARED / "SMSSpamCollection").exists():
+        texts = [t for t, _ in data.load_messages(SHARED / "SMSSpamCollection")][:1000]
+    else:
+        rng = random.Random(1)
+        texts = [" ".join(rng.choice(["win", "cash", "call", "now", "lunch", "ok", "see", "you"])
+                          for _ in range(rng.randint(3, 40))) for _ in range(1000)]
+    return "\n".join(t.replace("\n", " ") for t in texts).encode() + b"\n"
+
+
 def bench_predict(cfg, rank, work, runs, device, latency_pairs=20):
     folder = work / "model-openai"
     if not (folder / "hparams.json").exists():
         write_random_folder(cfg, folder, "openai")
     if not (folder / "vocab.bpe").exists():
         return {"skipped": "needs ../shared/data/gpt2-bpe for the tokenizer"}
-    model = gpt2.load_gpt2(folder)  # an adapter as train.py writes it, on this folder's weights
-    lora.build_classifier(model, 2, rank=rank, alpha=rank)
+    model = lora.build_classifier(gpt2.load_gpt2(folder), 2, rank=rank, alpha=rank)  # as train.py writes it
     adapter = work / "bench_adapter.safetensors"
     lora.save_adapter(model, adapter, {"model": "bench", "model_dir": str(folder), "config": asdict(cfg),
                                        "targets": "all", "max_length": FIXED_T, "labels": list(data.LABELS),
                                        "threshold": 0.5, "precision": "fp32"})
     msg = "Congratulations! You have won a free cruise, call 0800 123 456 now to claim your prize."
-    predict_args = ["predict.py", "--adapter", str(adapter), "--device", "cpu", msg]
-    torch_s = [run_timed([sys.executable, "-c", "import torch"]) for _ in range(runs)]
-    cold = [run_timed([sys.executable, *predict_args]) for _ in range(runs)]
-    rss = script_peak_rss_mib(predict_args)
-    tok = gpt2.load_tokenizer(folder)
+    results = {"import_torch": summary([run_timed([sys.executable, "-c", "import torch"]) for _ in range(runs)])}
+    results["import_torch_s"] = results["import_torch"]["median"]
+    for precision in ("auto", *PRECISIONS):
+        args = ["predict.py", "--adapter", str(adapter), "--device", str(device), "--precision", precision]
+        cold = [run_timed([sys.executable, *args, msg]) for _ in range(runs)]
+        many = [run_timed([sys.executable, *args, "-"], stdin=thousand_messages()) for _ in range(max(1, runs // 2))]
+        results[precision] = {"cold_start_s": statistics.median(cold), "cold_start": summary(cold),
+                              "thousand_messages_s": statistics.median(many),
+                              "messages_per_s": 1000 / statistics.median(many)}
+        if precision != "auto":
+            results[precision]["peak_rss_mib"] = script_peak_rss_mib([*args, msg])
+    results.update(latency(model, gpt2.load_tokenizer(folder), msg, device, latency_pairs))
+    return results
+
+
+def latency(model, tok, msg, device, pairs):
+    """Batch-1 latency of a 30-token message: merged and unmerged, timed alternately (so that the
+    machine's drift affects both alike), in fp32."""
     ids = torch.tensor([(tok.encode_ordinary(msg) * 3)[:30]], device=device)
     unmerged_model = model.to(device).eval()
     merged_model = copy.deepcopy(unmerged_model)
@@ -309,134 +354,126 @@ def bench_predict(cfg, rank, work, runs, device, latency_pairs=20):
     with torch.inference_mode():
         for _ in range(3):  # warm-up
             unmerged_model(ids), merged_model(ids)
-        for _ in range(latency_pairs):  # alternate, so that the machine's drift affects both alike
+        for _ in range(pairs):
             unmerged += timed(lambda: unmerged_model(ids), 1, warmup=0, device=device)
             merged += timed(lambda: merged_model(ids), 1, warmup=0, device=device)
-    return {"cold_start_s": statistics.median(cold), "cold_start": summary(cold),
-            "import_torch_s": statistics.median(torch_s), "import_torch": summary(torch_s),
-            "latency_unmerged_s": statistics.median(unmerged), "latency_merged_s": statistics.median(merged),
-            "latency_unmerged": summary(unmerged), "latency_merged": summary(merged),
-            "peak_rss_mib": rss}
+    return {"latency_unmerged_s": statistics.median(unmerged), "latency_merged_s": statistics.median(merged),
+            "latency_unmerged": summary(unmerged), "latency_merged": summary(merged)}
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
+def parse_args(argv):
     p = gpt2.ArgumentParser(prog="bench.py", description="Benchmarks of training, loading and prediction.")
     p.add_argument("--model", default="124M", help="a GPT-2 size, or tiny (a small test config)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on every Linear")
     p.add_argument("--quick", action="store_true", help="few repetitions, for smoke-testing")
     p.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help=gpt2.DEVICE_HELP)
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                   help="the precision whose figures fill the summary keys (both are always measured); "
+                        + gpt2.PRECISION_HELP)
     p.add_argument("--out", default="bench.json", help="where to write the results")
-    p.add_argument("--child", choices=("train_step",), help=argparse.SUPPRESS)  # bench.py calls itself
+    p.add_argument("--child", choices=PRECISIONS, help=argparse.SUPPRESS)  # bench.py runs a train step
     args = p.parse_args(argv)
-    try:
-        cfg = config_of(args.model)
-        lora.check_lora_hparams(args.rank, args.rank)
-        device = gpt2.pick_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    args.cfg = config_of(args.model)
+    lora.check_lora_hparams(args.rank, args.rank)
+    args.device = gpt2.pick_device(args.device)
+    return args
+
+
+def run(args):
     steps, warmup, runs = (2, 1, 2) if args.quick else (6, 2, 5)
-    if args.child == "train_step":  # a fresh process: its RSS is the train step's alone
-        print(json.dumps(bench_train_step(cfg, args.rank, device, steps, runs, warmup)))
+    if args.child:  # a fresh process: its RSS is the train step's alone
+        print(json.dumps(bench_train_step(args.cfg, args.rank, args.device, args.child, steps, runs, warmup)))
         return
-
-    results = {"model": args.model, "rank": args.rank, "device": str(device), "quick": args.quick,
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
+    chosen, why = gpt2.choose_precision(args.precision, args.device)
+    results = {"model": args.model, "rank": args.rank, "device": str(args.device), "quick": args.quick,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": chosen,
+               "precision_why": why, "by_precision": {p: {} for p in PRECISIONS}, "wall_seconds": {}}
     sections = args.only or SECTIONS
-    tokens = 8 * FIXED_T
-    wall = results["wall_seconds"] = {}
     started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def clock(name):  # how long each section itself takes, so a user can plan a run
-        start = time.perf_counter()
-        yield
-        wall[name] = wall.get(name, 0.0) + time.perf_counter() - start
-
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        work = Path(tmp)
-        if "peak" in sections:
-            with clock("peak"):
-                results["peak"] = {"before": measure_peak(cfg, device, runs, tokens)}
-        if "train_step" in sections or "memory" in sections:
-            child = [sys.executable, str(HERE / "bench.py"), "--child", "train_step", "--model", args.model,
-                     "--rank", str(args.rank), "--device", str(device)] + (["--quick"] if args.quick else [])
-            with clock("train_step"):
-                result = subprocess.run(child, capture_output=True, text=True, cwd=HERE)
-            if result.returncode:
-                sys.exit(f"bench.py: the train-step process failed: {result.stderr.strip()[-500:]}")
-            results["train_step"] = json.loads(result.stdout)
-        if "epoch" in sections:
-            with clock("epoch"):
-                results["epoch"] = bench_epoch(cfg, args.rank, device, args.quick)
-        if "load" in sections:
-            with clock("load"):
-                results["load"] = bench_load(cfg, work, runs)
-        if "predict" in sections or "memory" in sections:
-            with clock("predict"):
-                # --quick: one cold start and five latency pairs, enough to show it works
-                results["predict"] = bench_predict(cfg, args.rank, work, 1 if args.quick else 5, device,
-                                                   5 if args.quick else 20)
-        if "memory" in sections:
-            results["memory"] = {"train_peak_rss_mib": results["train_step"]["peak_rss_mib"],
-                                 "predict_peak_rss_mib": results["predict"].get("peak_rss_mib")}
-        if "peak" in sections:
-            with clock("peak"):
-                results["peak"]["after"] = measure_peak(cfg, device, runs, tokens)
-    wall["total"] = time.perf_counter() - started
+        for section in ("peak", "train_step", "epoch", "load", "predict", "peak_after"):
+            wanted = section in sections or (section == "peak_after" and "peak" in sections) or \
+                (section in ("train_step", "predict") and "memory" in sections)
+            if wanted:
+                start = time.perf_counter()
+                run_section(section, args, results, Path(tmp), runs, chosen)
+                name = section.removesuffix("_after")
+                results["wall_seconds"][name] = results["wall_seconds"].get(name, 0) + time.perf_counter() - start
+    if "memory" in sections:
+        results["memory"] = {"train_peak_rss_mib": results["train_step"]["peak_rss_mib"],
+                             "predict_peak_rss_mib": results["predict"].get(chosen, {}).get("peak_rss_mib")}
+    results["wall_seconds"]["total"] = time.perf_counter() - started
     report(results)
     gpt2.atomic_write(args.out, json.dumps(results, indent=2) + "\n")
     print(f"\nWrote {args.out}")
+
+
+def run_section(section, args, results, work, runs, chosen):
+    cfg, tokens = args.cfg, 8 * FIXED_T
+    if section == "peak":
+        results["peak"] = {"before": measure_peak(cfg, args.device, runs, tokens)}
+    elif section == "peak_after":
+        results["peak"]["after"] = measure_peak(cfg, args.device, runs, tokens)
+    elif section == "train_step":
+        for precision in PRECISIONS:
+            child = [sys.executable, str(HERE / "bench.py"), "--child", precision, "--model", args.model,
+                     "--rank", str(args.rank), "--device", str(args.device)] + (["--quick"] if args.quick else [])
+            result = subprocess.run(child, capture_output=True, text=True, cwd=HERE)
+            if result.returncode:
+                raise RuntimeError(f"the {precision} train-step process failed: {result.stderr.strip()[-500:]}")
+            results["by_precision"][precision]["train_step"] = json.loads(result.stdout)
+        results["train_step"] = results["by_precision"][chosen]["train_step"]
+    elif section == "epoch":
+        results["epoch"] = bench_epoch(cfg, args.rank, args.device, args.quick, chosen)
+    elif section == "load":
+        results["load"] = bench_load(cfg, work, runs)
+    elif section == "predict":  # --quick: one cold start and five latency pairs, enough to show it works
+        results["predict"] = bench_predict(cfg, args.rank, work, 1 if args.quick else 5, args.device,
+                                           5 if args.quick else 20)
+        if chosen in results["predict"]:
+            results["predict"]["cold_start_s"] = results["predict"][chosen]["cold_start_s"]
 
 
 def report(r):
     """Print the table and the targets."""
     rows = []
     if "peak" in r:
-        for name, rate in r["peak"]["before"].items():
-            rows.append(("peak", f"fp32 mm {name} GFLOP/s (before / after)",
-                         f"{rate:,.1f} / {r['peak'].get('after', {}).get(name, float('nan')):,.1f}"))
-    if "train_step" in r:
-        t = r["train_step"]
-        s = t["seconds"]
-        rows += [("train_step", f"s/step, batch {t['batch'][0]}x{t['batch'][1]} (median [min, max])",
-                  f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"),
-                 ("train_step", "examples/s", f"{t['examples_per_s']:.2f}"),
-                 ("train_step", "model GFLOP/step | achieved GFLOP/s", f"{t['flops_per_step'] / 1e9:,.1f} | {t['achieved_gflops']:,.1f}"),
-                 ("train_step", "MFU (achieved / peak 2048 mm)", f"{t['mfu']:.2f}")]
+        for p in PRECISIONS:
+            for name, rate in r["peak"]["before"][p].items():
+                after = r["peak"].get("after", {}).get(p, {}).get(name, float("nan"))
+                rows.append(("peak", f"{p} mm {name} GFLOP/s (before / after)", f"{rate:,.1f} / {after:,.1f}"))
+    for p in PRECISIONS:
+        t = r["by_precision"][p].get("train_step")
+        if t:
+            s = t["seconds"]
+            rows += [("train_step", f"{p} s/step, batch {t['batch'][0]}x{t['batch'][1]} (median [min, max])",
+                      f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"),
+                     ("train_step", f"{p} model GFLOP/step | achieved GFLOP/s",
+                      f"{t['flops_per_step'] / 1e9:,.1f} | {t['achieved_gflops']:,.1f}"),
+                     ("train_step", f"{p} MFU (achieved / {p} peak 2048 mm)", f"{t['mfu']:.2f}"),
+                     ("train_step", f"{p} peak RSS MiB", f"{t['peak_rss_mib']:,.0f}")]
     if "epoch" in r:
         e = r["epoch"]
-        rows += [("epoch", f"dynamic + buckets, s ({e['messages']:,} msgs, {e['data']})",
-                  f"{e['dynamic_bucketed']['seconds']:.1f}"),
+        rows += [("epoch", f"{p} train + val epoch, s ({e['messages']:,} + {e['val_messages']:,} msgs, {e['data']})",
+                  f"{e[f'train_and_val_{p}_s']:.1f}") for p in PRECISIONS]
+        rows += [("epoch", f"{r['precision']} / fp32 epoch", f"{e['precision_ratio']:.2f}"),
+                 ("epoch", f"dynamic + buckets, train only, s ({r['precision']})", f"{e['dynamic_bucketed']['seconds']:.1f}"),
                  ("epoch", f"fixed {FIXED_T}-token padding, s ({e['fixed_120']['timed_batches']} of "
                            f"{e['fixed_120']['batches']} batches timed)", f"{e['fixed_120']['seconds']:.1f}"),
                  ("epoch", "tokens incl. padding: dynamic | fixed",
                   f"{e['dynamic_bucketed']['tokens_with_padding']:,} | {e['fixed_120']['tokens_with_padding']:,}"),
                  ("epoch", "ratio fixed / dynamic", f"{e['ratio']:.2f}x")]
-    if "load" in r:
-        for fmt in ("openai", "hf"):
-            x = r["load"][fmt]
-            rows += [("load", f"load_gpt2 {fmt} s | read data file once s ({x['file_mb']:,.0f} MB)",
-                      f"{x['seconds']:.3f} | {x['read_seconds']:.3f}"),
-                     ("load", f"first forward after load ({fmt}), s", f"{x['first_forward_s']:.3f}")]
-    if "predict" in r and "cold_start_s" in r["predict"]:
-        x = r["predict"]
-        rows += [("predict", "cold start s | python -c 'import torch' s",
-                  f"{x['cold_start_s']:.2f} | {x['import_torch_s']:.2f}"),
-                 ("predict", "batch-1 latency, 30 tokens: merged | unmerged, ms",
-                  f"{1e3 * x['latency_merged_s']:.1f} | {1e3 * x['latency_unmerged_s']:.1f}")]
-    if "memory" in r:
-        m = r["memory"]
-        rows.append(("memory", "peak RSS MiB: train step | predict",
-                     f"{m['train_peak_rss_mib']:,.0f} | {m['predict_peak_rss_mib'] or float('nan'):,.0f}"))
+    rows += report_load_predict(r)
     width = max(len(name) for _, name, _ in rows) if rows else 10
-    print(f"bench.py: model {r['model']}, LoRA rank {r['rank']}, {r['device']}, {r['threads']} threads, torch {r['torch']}")
+    print(f"bench.py: model {r['model']}, LoRA rank {r['rank']}, {r['device']}, {r['threads']} threads, "
+          f"torch {r['torch']}; precision {r['precision']} ({r['precision_why']})")
     for section, name, value in rows:
         print(f"  {section:<11} {name:<{width}}  {value}")
-    w = r.get("wall_seconds", {})
+    w = r["wall_seconds"]
     print("Wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in w.items() if k != "total")
           + f"; total {w.get('total', 0):.1f} s (plus start-up)")
     print("\nTargets:")
@@ -444,25 +481,54 @@ def report(r):
         print(f"  [{'met' if ok else 'MISSED'}] {label}")
 
 
+def report_load_predict(r):
+    rows = []
+    if "load" in r:
+        for fmt in ("openai", "hf"):
+            x = r["load"][fmt]
+            rows += [("load", f"load_gpt2 {fmt} s: fp32 | bf16 | read data file once ({x['file_mb']:,.0f} MB)",
+                      f"{x['seconds']:.3f} | {x['bf16_seconds']:.3f} | {x['read_seconds']:.3f}"),
+                     ("load", f"first forward after load ({fmt}), s", f"{x['first_forward_s']:.3f}")]
+    x = r.get("predict", {})
+    if "import_torch_s" in x:
+        rows.append(("predict", "python -c 'import torch', s", f"{x['import_torch_s']:.2f}"))
+        for p in ("auto", *PRECISIONS):
+            rows += [("predict", f"{p}: cold start s | 1,000 messages on stdin s (msgs/s)",
+                      f"{x[p]['cold_start_s']:.2f} | {x[p]['thousand_messages_s']:.1f} ({x[p]['messages_per_s']:.0f})")]
+            if "peak_rss_mib" in x[p]:
+                rows.append(("predict", f"{p}: peak RSS MiB", f"{x[p]['peak_rss_mib']:,.0f}"))
+        rows.append(("predict", "batch-1 latency, 30 tokens, fp32: merged | unmerged, ms",
+                     f"{1e3 * x['latency_merged_s']:.1f} | {1e3 * x['latency_unmerged_s']:.1f}"))
+    return rows
+
+
 def targets(r):
-    out = []
+    out, chosen = [], r["precision"]
+    bf16 = r["by_precision"]["bf16"].get("train_step")
     if "train_step" in r:
-        out.append((f"train_step MFU {r['train_step']['mfu']:.2f} >= 0.70", r["train_step"]["mfu"] >= 0.70))
-    if "memory" in r:
-        out.append((f"train peak RSS {r['memory']['train_peak_rss_mib'] / 1024:.2f} GiB <= 2.0 GiB",
-                    r["memory"]["train_peak_rss_mib"] <= 2048))
+        out.append((f"train_step MFU ({chosen}) {r['train_step']['mfu']:.2f} >= 0.70 (fp32) / 0.45 (bf16)",
+                    r["train_step"]["mfu"] >= (0.45 if chosen == "bf16" else 0.70)))
+    if bf16:
+        out.append((f"bf16 train peak RSS {bf16['peak_rss_mib'] / 1024:.2f} GiB <= 1.1 GiB (124M)",
+                    bf16["peak_rss_mib"] <= 1.1 * 1024))
     if "epoch" in r:
-        out.append((f"epoch ratio {r['epoch']['ratio']:.2f}x >= 3x", r["epoch"]["ratio"] >= 3))
-    if "predict" in r and "cold_start_s" in r["predict"]:
-        x = r["predict"]
-        out.append((f"predict cold start {x['cold_start_s']:.2f} s <= import torch {x['import_torch_s']:.2f} s + 1.0 s",
-                    x["cold_start_s"] <= x["import_torch_s"] + 1.0))
+        e = r["epoch"]
+        out.append((f"epoch {chosen} / fp32 {e['precision_ratio']:.2f} <= 0.40", e["precision_ratio"] <= 0.40))
+        out.append((f"epoch ratio fixed / dynamic {e['ratio']:.2f}x >= 3x", e["ratio"] >= 3))
+    x = r.get("predict", {})
+    if "auto" in x:
+        out.append((f"predict cold start (auto) {x['auto']['cold_start_s']:.2f} s <= import torch "
+                    f"{x['import_torch_s']:.2f} s + 1.0 s", x["auto"]["cold_start_s"] <= x["import_torch_s"] + 1.0))
         out.append((f"merged latency {1e3 * x['latency_merged_s']:.1f} ms <= unmerged {1e3 * x['latency_unmerged_s']:.1f} ms",
                     x["latency_merged_s"] <= x["latency_unmerged_s"]))
     if "load" in r:
         out.append((f"load {r['load']['seconds']:.3f} s <= 2 x read {r['load']['read_seconds']:.3f} s",
                     r["load"]["seconds"] <= 2 * r["load"]["read_seconds"]))
     return out
+
+
+def main(argv=None):
+    gpt2.run_cli(lambda: run(parse_args(argv)), "bench.py", expected=(RuntimeError,))
 
 
 if __name__ == "__main__":

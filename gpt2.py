@@ -376,6 +376,14 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     return model.to(device).eval()
 
 
+def cast_matmuls(model: nn.Module, dtype) -> nn.Module:
+    """Cast the transformer blocks' Linear layers (the matmuls) to dtype, in place; the rest stays."""
+    for module in model.trf_blocks.modules():
+        if isinstance(module, nn.Linear):
+            module.to(dtype)
+    return model
+
+
 def load_model_and_tokenizer(folder, device="cpu", dtype=torch.float32) -> tuple[GPTModel, tiktoken.Encoding]:
     """load_gpt2 and load_tokenizer of one folder, checked to fit each other."""
     tokenizer = load_tokenizer(folder)

@@ -59,9 +59,7 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu", 
     lora.load_adapter(model, adapter_path, adapter=(meta, tensors))
     lora.merge_lora(model)  # W <- W + (alpha/r) (A B)^T: from here on it is a plain GPT-2
     if precision == "bf16":  # cast once, after the merge was formed in float32
-        for module in model.trf_blocks.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.to(torch.bfloat16)
+        gpt2.cast_matmuls(model, torch.bfloat16)
     return model.requires_grad_(False).eval(), tokenizer, meta
 
 

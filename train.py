@@ -18,8 +18,9 @@ import sys
 
 if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
     import signal
+    import os
     signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("train.py: interrupted; nothing was saved\n"),
-                                             sys.exit(130)))
+                                             sys.stderr.flush(), os._exit(130)))
 
 import argparse
 import json
