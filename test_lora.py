@@ -2021,12 +2021,9 @@ import time  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory):
-    """A tiny model folder, a messages file and one adapter trained on them, made once."""
-    root = tmp_path_factory.mktemp("hostile")
-    write_model_folder(root / "model", tiny_cfg(), random_tensors(tiny_cfg()))
-    write_tiny_bpe(root / "model")
-    write_sms_file(root / "sms.txt", synthetic_messages(60, 20))
+def hostile(workdir):
+    """workdir's tiny model and messages, and one adapter trained on them, made once."""
+    root = workdir
     # in-process: ~1 s instead of ~3 s for a subprocess
     train.main(["--model-dir", str(root / "model"), "--data", str(root / "sms.txt"), "--epochs", "1",
                 "--rank", "2", "--precision", "fp32", "--out", str(root / "a.safetensors")])
