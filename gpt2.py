@@ -334,8 +334,8 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
 
     Built on the meta device (no memory, no random init), then the checkpoint's tensors become its
     parameters: float32 ones as views of the memory-mapped file, so loading copies nothing. dtype is
-    that of the blocks' Linear layers (all the matmuls); bfloat16 ones are cast once, here, and
-    embeddings and LayerNorms stay float32, so the residual stream keeps full precision."""
+    that of the big matrices (see cast_matmuls); bfloat16 ones are cast once, here, tensor by tensor,
+    and the residual stream stays float32."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model folder {model_dir} does not exist; check --model-dir")
@@ -367,9 +367,9 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
                     f"{shapes[name]} (config: n_embd={cfg.emb_dim}, n_vocab={cfg.vocab_size}, n_ctx={cfg.context_length})")
             if dtype == torch.float32:
                 state[name] = part.float()  # a view of the file when it holds float32: no copy
-            else:  # c_attn, c_proj, c_fc (the matmuls) in dtype, the rest float32; copies, so that
+            else:  # c_attn, c_proj, c_fc (the matmuls) and wte in dtype (see cast_matmuls); copies, so that
                 # the file's pages are let go once loading ends and no float32 matrix stays alive
-                state[name] = part.to(dtype if "/c_" in ckpt else torch.float32, copy=True)
+                state[name] = part.to(dtype if "/c_" in ckpt or ckpt == "wte" else torch.float32, copy=True)
     state["out_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters: tie them again
@@ -377,9 +377,11 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
 
 
 def cast_matmuls(model: nn.Module, dtype) -> nn.Module:
-    """Cast the transformer blocks' Linear layers (the matmuls) to dtype, in place; the rest stays."""
-    for module in model.trf_blocks.modules():
-        if isinstance(module, nn.Linear):
+    """Cast the big matrices to dtype, in place: the blocks' Linear layers (all the matmuls) and the
+    token embedding. Position embeddings and LayerNorms stay float32, and so does the residual
+    stream (a bf16 token embedding plus a float32 position embedding is float32)."""
+    for module in [*model.trf_blocks.modules(), model.tok_emb]:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             module.to(dtype)
     return model
 
@@ -764,18 +766,26 @@ def atomic_write(path, data) -> Path:
     """Write data (bytes, str, or a function that writes to a binary file) to path through a
     temporary file of a unique name, then rename it into place: path is never half-written, two
     writers never mix, and on any error nothing is replaced and no temporary file is left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return atomic_write_all({path: data})[0]
+
+
+def atomic_write_all(files: dict) -> list[Path]:
+    """atomic_write for several files that belong together: every one is written in full first
+    (so a full disk or a denied permission replaces none of them), then all are renamed in order."""
+    temps = {Path(p): Path(p).with_name(f".{Path(p).name}.{os.getpid()}.{secrets.token_hex(4)}.tmp") for p in files}
     try:
-        with open(tmp, "xb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        for (path, tmp), data in zip(temps.items(), files.values()):
+            with open(tmp, "xb") as f:
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data.encode() if isinstance(data, str) else data)
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return list(temps)
 
 
 def main(argv=None):
@@ -1210,6 +1220,11 @@ def read_safetensors(path, with_metadata=False):
 
 def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> Path:
     """Write numpy arrays (and string metadata) as a safetensors file, atomically."""
+    return atomic_write(path, safetensors_writer(tensors, metadata))
+
+
+def safetensors_writer(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    """A function that writes the safetensors bytes of tensors to an open binary file."""
     names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items() if k != "BF16"}
     arrays = {name: np.ascontiguousarray(a).astype(np.dtype(a.dtype).newbyteorder("<"), copy=False)
               for name, a in tensors.items()}
@@ -1225,7 +1240,7 @@ def write_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, 
         f.write(struct.pack("<Q", len(blob)) + blob)
         for array in arrays.values():
             f.write(array.tobytes())
-    return atomic_write(path, write)
+    return write
 
 
 if __name__ == "__main__":

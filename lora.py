@@ -141,23 +141,20 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
         matched.update(hits)
         return bool(hits)
 
-    def wrap(module, prefix):
-        # Replace children in their parent (setattr), depth first. An existing LinearWithLoRA is not
-        # entered, so its inner `linear` is never wrapped a second time.
-        count = 0
+    def find(module, prefix):
+        # (parent, child name, full name, layer) of every Linear to wrap, depth first. An existing
+        # LinearWithLoRA is not entered, so its inner `linear` is never wrapped a second time.
         for child_name, child in module.named_children():
             full_name = prefix + child_name
             if isinstance(child, nn.Linear):
                 if wanted(full_name):
-                    setattr(module, child_name, LinearWithLoRA(child, rank, alpha, dropout))
-                    count += 1
+                    yield module, child_name, full_name, child
             elif not isinstance(child, LinearWithLoRA):
-                count += wrap(child, full_name + ".")
-        return count
+                yield from find(child, full_name + ".")
 
-    count = wrap(model, "")
+    chosen = list(find(model, ""))  # everything is checked before the first layer is wrapped
     unknown = [t for t in names or () if t not in matched]
-    if unknown or count == 0:
+    if unknown or not chosen:
         def short(name):  # "trf_blocks.3.att.W_key" -> "W_key", "trf_blocks.3.ff.layers.0" -> "ff.layers.0"
             parts = name.split(".")
             return ".".join(parts[-3:]) if parts[-1].isdigit() else parts[-1]
@@ -166,7 +163,13 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
             f"LoRA target {', '.join(unknown) or 'all'} matches no unadapted Linear layer; use all, "
             f"{', '.join(TARGET_GROUPS)} or names such as {', '.join(linear_names)}"
         )
-    return count
+    for _, _, full_name, layer in chosen:  # B A has rank at most min(in, out): a larger r adds nothing
+        if rank > min(layer.in_features, layer.out_features):
+            raise ValueError(f"LoRA rank {rank} is larger than {full_name} ({layer.in_features} -> "
+                             f"{layer.out_features}); use a rank of at most {min(layer.in_features, layer.out_features)}")
+    for parent, child_name, _, layer in chosen:
+        setattr(parent, child_name, LinearWithLoRA(layer, rank, alpha, dropout))
+    return len(chosen)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -302,6 +305,11 @@ def save_adapter(model: nn.Module, path, meta: dict):
 
     meta: JSON values for the keys of ADAPTER_SCHEMA (rank, alpha and dropout are taken from the
     model) and any others, e.g. the base model's size and folder. A non-finite weight is refused."""
+    gpt2.atomic_write(path, adapter_writer(model, meta, path))
+
+
+def adapter_writer(model: nn.Module, meta: dict, path="the adapter"):
+    """What save_adapter writes, as a function of an open file (for gpt2.atomic_write_all)."""
     meta = check_adapter_meta({**meta, **_lora_summary(model)}, path)
     tensors = {name: p.detach().float().cpu().numpy() for name, p in adapter_state(model).items()}
     bad = [name for name, a in tensors.items() if not np.isfinite(a).all()]
@@ -309,7 +317,7 @@ def save_adapter(model: nn.Module, path, meta: dict):
         raise ValueError(f"the adapter holds NaN or infinite weights ({gpt2.listing(bad, 2)}); not saved")
     header = {"format": ADAPTER_FORMAT, "version": str(ADAPTER_VERSION)}
     header.update({key: json.dumps(value) for key, value in meta.items()})
-    gpt2.write_safetensors(tensors, path, metadata=header)
+    return gpt2.safetensors_writer(tensors, metadata=header)
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -1974,14 +1974,15 @@ def test_auto_precision_follows_the_measured_speedup(speedup, expected):
     assert gpt2.choose_precision("bf16", torch.device("cpu"), speedup=lambda d: 0.1)[0] == "bf16"
 
 
-def test_bf16_load_casts_only_the_matmul_weights_once(tmp_path):
+def test_bf16_load_casts_only_the_big_matrices_once(tmp_path):
     cfg = tiny_cfg(emb_dim=32)
     tensors = random_tensors(cfg, seed=2, scale=0.05)
     write_model_folder(tmp_path / "m", cfg, tensors)
     model = gpt2.load_gpt2(tmp_path / "m", dtype=torch.bfloat16)
     assert model.trf_blocks[0].att.W_query.weight.dtype == torch.bfloat16
     assert model.trf_blocks[1].ff.layers[2].bias.dtype == torch.bfloat16
-    assert model.tok_emb.weight.dtype == torch.float32 and model.trf_blocks[0].norm1.weight.dtype == torch.float32
+    assert model.tok_emb.weight.dtype == torch.bfloat16 and model.pos_emb.weight.dtype == torch.float32
+    assert model.trf_blocks[0].norm1.weight.dtype == torch.float32
     want = torch.from_numpy(tensors["h0/attn/c_attn/w"][0][:, :32].T.copy()).to(torch.bfloat16)
     assert torch.equal(model.trf_blocks[0].att.W_query.weight, want)  # rounded once from the file's float32
 
@@ -2570,3 +2571,32 @@ def test_ctrl_c_while_importing_is_exit_130_and_one_line(script, tmp_path):
         assert proc.returncode == 130, (delay, err)
         assert one_line(err) and "interrupted" in err, (delay, err)
         assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_a_rank_larger_than_an_adapted_layer_is_refused_before_anything_changes():
+    model = gpt2.GPTModel(tiny_cfg())  # every Linear is at least 16 wide
+    with pytest.raises(ValueError, match=r"LoRA rank 17 is larger than trf_blocks.0.att.W_query \(16 -> 16\); use a rank of at most 16"):
+        lora.replace_linear_with_lora(model, rank=17, alpha=1)
+    assert not lora.lora_layers(model)  # nothing half-wrapped
+    assert lora.replace_linear_with_lora(model, rank=16, alpha=1) == 12
+
+
+def test_a_full_disk_while_saving_replaces_nothing(workdir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "a.safetensors"
+    for name in ("a.safetensors", "a.safetensors.metrics.json", "a.safetensors.curves.svg"):
+        (tmp_path / name).write_text("from an earlier run")
+    real_writer = lora.adapter_writer
+
+    def full_disk(*args, **kwargs):  # the adapter is the last file written
+        write = real_writer(*args, **kwargs)
+        def fail(f):
+            write(f)
+            raise OSError(28, "No space left on device")
+        return fail
+    monkeypatch.setattr(lora, "adapter_writer", full_disk)
+    code, err = run_main(train.main, ["--model-dir", workdir / "model", "--data", workdir / "sms.txt", "--epochs", "1",
+                                      "--rank", "2", "--precision", "fp32", "--out", out], capsys)
+    assert code == 2 and "No space left on device" in err and one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.curves.svg",
+                                                         "a.safetensors.metrics.json"]  # no temporary file left
+    assert all(p.read_text() == "from an earlier run" for p in tmp_path.iterdir())
