@@ -559,7 +559,8 @@ def parse_args(argv):
     parser.add_argument("--model-dir", default=None, help="a folder with GPT-2's encoder.json and vocab.bpe")
     parser.add_argument("--cache-dir", default=None, help="download cache (see gpt2.py --help)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the balance and split")
-    parser.add_argument("--max-length", type=int, default=None, help="default: the longest training message")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="truncate messages to this many tokens (default: the longest training message)")
     args = parser.parse_args(argv)
     if args.max_length is not None and not 1 <= args.max_length <= gpt2.CONFIG_BOUNDS["context_length"]:
         parser.error("--max-length must be at least 1 (and at most the model's context)")

@@ -2,8 +2,8 @@
 
 Read it from the top: the configuration, the model (Radford et al. 2019, "Language Models are
 Unsupervised Multitask Learners"), GPT-2 as a classifier, loading OpenAI's weights through a short
-name table, the BPE tokenizer, the download, the command-line conventions the scripts share, and,
-as an appendix, the two file formats read without their libraries: TensorFlow's V2 checkpoint
+name table, the BPE tokenizer, the verified download, the command-line conventions the scripts
+share, this file's own command line (continue a prompt), and, as an appendix, the two file formats read without their libraries: TensorFlow's V2 checkpoint
 (a LevelDB table of protobuf entries plus raw data) and Hugging Face's safetensors.
 
 Usage:
@@ -42,7 +42,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
-# 1. Configuration
+# 1. Configuration, and the two ways loading can fail
+
+
+class CheckpointError(ValueError):
+    """A model file that is missing, truncated, corrupt, or does not fit the model."""
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched (no network, server error, an incomplete or corrupt transfer)."""
+
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ SIZE_ALIASES = {"gpt2-small": "124M", "gpt2-medium": "355M", "gpt2-large": "774M
 # models, but a typo such as n_layer 2000000000 must not allocate until the machine dies.
 CONFIG_BOUNDS = {"vocab_size": 1_000_000, "context_length": 65_536, "emb_dim": 16_384,
                  "n_heads": 1_024, "n_layers": 1_024}
+CONFIG_FIELDS = tuple(CONFIG_BOUNDS)  # the GPTConfig fields a config file sets, in CONFIG_FILES' order
 
 
 def resolve_size(name: str) -> str:
@@ -202,7 +212,7 @@ class GPTModel(nn.Module):
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         x = self.trf_blocks(x)
         x = self.final_norm(x)
-        return self.out_head(x)  # (B, T, vocab_size)
+        return self.out_head(x)  # (B, T, vocab_size), or (B, T, num_classes) with a classification head
 
 
 @torch.no_grad()
@@ -297,12 +307,12 @@ def read_config(model_dir) -> GPTConfig:
         if path.exists():
             try:
                 hp = json.loads(path.read_bytes())
-                values = {field: hp[key] for field, key in zip(CONFIG_BOUNDS, keys)}
-            except (ValueError, KeyError, TypeError) as e:
+                values = {field: hp[key] for field, key in zip(CONFIG_FIELDS, keys)}
+            except (ValueError, KeyError, TypeError, RecursionError) as e:
                 raise CheckpointError(f"{path}: not a GPT-2 {file_name} ({type(e).__name__}: {e}); "
                                       "restore the file that came with the weights") from None
             return check_config(values, str(path))
-    raise CheckpointError(f"{model_dir}: missing hparams.json (the model's shape)")
+    raise CheckpointError(f"{model_dir}: missing hparams.json (or Hugging Face's config.json), the model's shape")
 
 
 def read_checkpoint(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
@@ -428,13 +438,14 @@ def load_tokenizer(model_dir) -> tiktoken.Encoding:
         if (model_dir / vocab_name).is_file() and (model_dir / merges_name).is_file():
             break
     else:
-        raise CheckpointError(f"{model_dir}: missing the tokenizer files encoder.json and vocab.bpe")
+        raise CheckpointError(f"{model_dir}: missing the tokenizer files encoder.json and vocab.bpe "
+                              "(or Hugging Face's vocab.json and merges.txt)")
     try:
         encoder = json.loads((model_dir / vocab_name).read_text(encoding="utf-8"))
         merges = (model_dir / merges_name).read_text(encoding="utf-8").split("\n")
         if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
             raise ValueError("expected a JSON object of token -> id")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{model_dir / vocab_name}: not a GPT-2 tokenizer file ({str(e)[:100]})") from None
     if ENDOFTEXT not in encoder:
         raise CheckpointError(f"{model_dir / vocab_name}: has no {ENDOFTEXT} token")
@@ -461,10 +472,6 @@ def load_tokenizer(model_dir) -> tiktoken.Encoding:
 
 # ----------------------------------------------------------------------------------------------
 # 6. Download into a cache folder, every file verified before it gets its final name
-
-
-class DownloadError(RuntimeError):
-    """A file could not be fetched (no network, server error, an incomplete or corrupt transfer)."""
 
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models/{size}/{file}"
@@ -665,6 +672,12 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted"):
     except BrokenPipeError:  # e.g. piped into head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        fail(prog, f"out of memory ({str(e)[:80]}); try a smaller --batch-size or model")
+    except RuntimeError as e:
+        if "allocate" not in str(e):  # the CPU allocator's "can't allocate memory"; others are bugs
+            raise
+        fail(prog, f"out of memory ({str(e)[:80]}); try a smaller --batch-size or model")
     except (ValueError, OSError, DownloadError, *expected) as e:
         fail(prog, e)
 
@@ -704,12 +717,13 @@ def pick_device(name="auto") -> torch.device:
     return device
 
 
-PRECISION_HELP = "auto (bf16 where a bf16 matmul runs at least 1.5x faster than fp32 here), bf16 or fp32"
+PRECISION_HELP = ("auto (CUDA: bf16 where the GPU supports it; CPU: bf16 only where a short probe measures a bf16 "
+                  "matmul at least 1.5x faster than fp32; otherwise fp32), bf16 or fp32")
 
 
 def bf16_speedup(device, m=256, k=768, n=3072, runs=3) -> float:
     """How many times faster a bf16 (m, k) @ (k, n) matmul runs than a float32 one: model-like
-    shapes, best of runs after a warm-up (noise only ever slows a run). About 0.05 s on a CPU."""
+    shapes, best of runs after a warm-up (noise only ever slows a run). About 0.1 s on a CPU."""
     def best(dtype):
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         times = []
@@ -788,6 +802,10 @@ def atomic_write_all(files: dict) -> list[Path]:
     return list(temps)
 
 
+# ----------------------------------------------------------------------------------------------
+# 8. This file's own command line: continue a prompt
+
+
 def main(argv=None):
     run_cli(lambda: generate_cli(argv), "gpt2.py")
 
@@ -844,10 +862,6 @@ def generate_cli(argv):
 # The entry under the empty key "" is a BundleHeaderProto; every other entry a BundleEntryProto.
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated, corrupt, or does not fit the model."""
-
-
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # two BlockHandles of at most 10 + 10 bytes each, padded to 40, + 8-byte magic
 BLOCK_TRAILER_SIZE = 5
@@ -862,7 +876,7 @@ TF_DTYPES = {
 }
 TF_DTYPE_BFLOAT16 = 14
 
-# CRC-32C (Castagnoli), bit-reflected: TABLES[k][b] is the CRC step of byte b followed by k zero bytes
+# CRC-32C (Castagnoli), bit-reflected: _CRC_TABLES[k][b] is the CRC step of byte b followed by k zero bytes
 _CRC_POLY = 0x82F63B78
 
 
@@ -1063,7 +1077,8 @@ def _memmap(path: Path) -> np.ndarray:
 
 
 def _tf_entries(index_path: Path):
-    """Yield (name, dtype id, shape, shard, offset, size, masked crc or None) of every tensor."""
+    """Yield first the number of data shards, then (name, dtype id, shape, shard, offset, size,
+    masked crc or None) of every tensor."""
     entries = _read_table(index_path)
     if b"" not in entries:
         raise CheckpointError(f"{index_path}: no bundle header, not a TensorFlow V2 checkpoint")
@@ -1089,7 +1104,7 @@ def read_tf_checkpoint(path, verify=False) -> dict[str, np.ndarray]:
     path: a folder holding the checkpoint, its prefix ("…/model.ckpt") or its .index file. The arrays
     are memory-mapped views of the data file. Sizes, offsets, dtypes and every block checksum of the
     index are always checked; verify=True also checks each tensor's bytes against the CRC-32C the
-    index stores (about a second per 100 MB; downloads always do it).
+    index stores (about 1 s per 100 MB on 2 CPU cores; downloads always do it).
     """
     prefix = _checkpoint_prefix(Path(path))
     index_path = prefix.with_name(prefix.name + ".index")
@@ -1151,7 +1166,7 @@ def _no_duplicate_keys(pairs):
     return dict(pairs)
 
 
-def _is_int(x) -> bool:
+def _is_count(x) -> bool:
     return type(x) is int and x >= 0
 
 
@@ -1181,13 +1196,13 @@ def read_safetensors_header(path) -> tuple[dict, dict[str, str], int]:
         if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{where}: unknown or missing dtype")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise CheckpointError(f"{where}: shape must be a list of non-negative integers, not {shape!r:.60}")
         itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]).itemsize
         # an empty tensor's other dimensions must still make an array numpy can describe
         if len(shape) > 32 or math.prod(max(d, 1) for d in shape) * itemsize >= 2**63:
             raise CheckpointError(f"{where}: shape {shape!r:.60} is beyond any array's size or dimensions")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise CheckpointError(f"{where}: data_offsets {offsets!r:.60} are not two integers 0 <= begin <= end")
         if offsets[1] > data_size:
@@ -1195,15 +1210,21 @@ def read_safetensors_header(path) -> tuple[dict, dict[str, str], int]:
         if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
             raise CheckpointError(f"{where}: shape {shape} does not fit its {offsets[1] - offsets[0]:,} bytes")
         spans.append((offsets[0], offsets[1], name))
+    _check_tiling(spans, data_size, path)
+    return header, meta, 8 + header_len
+
+
+def _check_tiling(spans, data_size, path):
+    """The tensors' (begin, end, name) byte spans must tile the data region exactly, as the format
+    requires: no gap, no overlap, nothing after the last one."""
     end = 0
-    for begin, stop, name in sorted(spans):  # the tensors must tile the data region exactly
+    for begin, stop, name in sorted(spans):
         if begin != end:
             raise CheckpointError(f"{path}: tensor {name!r} {'overlaps another' if begin < end else 'leaves a gap'} "
                                   f"at data byte {min(begin, end):,}")
         end = stop
     if end != data_size:
         raise CheckpointError(f"{path}: {data_size - end:,} bytes after the last tensor (corrupt file)")
-    return header, meta, 8 + header_len
 
 
 def read_safetensors(path, with_metadata=False):

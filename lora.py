@@ -55,7 +55,8 @@ class LoRALayer(nn.Module):
 
     With x as a row vector (as nn.Linear sees it) the paper's h = W0 x + (alpha/r) · B A x reads
     h = x W0^T + (alpha/r) · x A B here, so A is stored as (in_dim, rank) and B as (rank, out_dim).
-    A starts random (Kaiming-uniform, as nn.Linear initialises its weights) and B starts at zero,
+    A starts random, uniform in ±1/sqrt(rank) (kaiming_uniform_ with a = sqrt(5), as in the course;
+    PyTorch takes the fan-in of the (in_dim, rank) matrix to be rank), and B starts at zero,
     so B A = 0 and the adapted model is exactly the pretrained one at step 0; training then moves
     B away from zero. Dividing by rank (the alpha/r factor) keeps the update's size roughly the same
     when rank changes, so one learning rate serves many ranks.
@@ -88,7 +89,8 @@ class LoRALayer(nn.Module):
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen nn.Linear plus its LoRA update: h = W0 x + (alpha/r) B A x."""
+    """A frozen nn.Linear plus its LoRA update: h = W0 x + (alpha/r) B A x, i.e. linear(x) + lora(x)
+    in the course's words, where "lora(x)" is LoRALayer.add_ summing (alpha/r) x A B into h."""
 
     def __init__(self, linear_layer: nn.Linear, rank, alpha, dropout=0.0):
         super().__init__()
@@ -155,14 +157,8 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
     chosen = list(find(model, ""))  # everything is checked before the first layer is wrapped
     unknown = [t for t in names or () if t not in matched]
     if unknown or not chosen:
-        def short(name):  # "trf_blocks.3.att.W_key" -> "W_key", "trf_blocks.3.ff.layers.0" -> "ff.layers.0"
-            parts = name.split(".")
-            return ".".join(parts[-3:]) if parts[-1].isdigit() else parts[-1]
-        linear_names = sorted({short(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(
-            f"LoRA target {', '.join(unknown) or 'all'} matches no unadapted Linear layer; use all, "
-            f"{', '.join(TARGET_GROUPS)} or names such as {', '.join(linear_names)}"
-        )
+        raise ValueError(f"LoRA target {', '.join(unknown) or 'all'} matches no unadapted Linear layer; "
+                         f"use all, {', '.join(TARGET_GROUPS)} or names such as {_linear_names(model)}")
     for _, _, full_name, layer in chosen:  # B A has rank at most min(in, out): a larger r adds nothing
         if rank > min(layer.in_features, layer.out_features):
             raise ValueError(f"LoRA rank {rank} is larger than {full_name} ({layer.in_features} -> "
@@ -170,6 +166,15 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
     for parent, child_name, _, layer in chosen:
         setattr(parent, child_name, LinearWithLoRA(layer, rank, alpha, dropout))
     return len(chosen)
+
+
+def _linear_names(model) -> str:
+    """The short names of a model's Linear layers: "trf_blocks.3.att.W_key" -> "W_key",
+    "trf_blocks.3.ff.layers.0" -> "ff.layers.0"."""
+    def short(name):
+        parts = name.split(".")
+        return ".".join(parts[-3:]) if parts[-1].isdigit() else parts[-1]
+    return ", ".join(sorted({short(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)}))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -339,7 +344,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
         if header.get("version") != str(ADAPTER_VERSION):
             raise ValueError(f"it has adapter format version {header.get('version')}; this code reads {ADAPTER_VERSION}")
         meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
-    except (gpt2.CheckpointError, ValueError) as e:
+    except (gpt2.CheckpointError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable adapter file ({str(e).removeprefix(str(path) + ': ')})") from None
     tensors = {name: torch.from_numpy(np.array(a, np.float32)) for name, a in arrays.items()}
     if any(not torch.isfinite(t).all() for t in tensors.values()):

@@ -46,7 +46,10 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu", 
     if model_dir is None and isinstance(meta.get("model_dir"), str) and Path(meta["model_dir"]).is_dir():
         model_dir = meta["model_dir"]  # the folder it was trained on, if it is still there
     source = meta.get("weights_source") if meta.get("weights_source") in ("openai", "hf") else "openai"
-    folder = gpt2.model_folder(meta.get("model", "124M"), model_dir, cache_dir, source)
+    size = meta.get("model", "124M")
+    if model_dir is None and not isinstance(size, str):
+        raise ValueError(f"{adapter_path}: adapter metadata model is {size!r:.40}, not a GPT-2 size; give --model-dir")
+    folder = gpt2.model_folder(size, model_dir, cache_dir, source)
     model, tokenizer = gpt2.load_model_and_tokenizer(folder, device=device)  # float32: merged in full precision
     trained_on = {k: meta["config"][k] for k in gpt2.CONFIG_BOUNDS}
     if trained_on != {k: getattr(model.cfg, k) for k in gpt2.CONFIG_BOUNDS}:
@@ -146,8 +149,9 @@ def run(argv):
             print(json.dumps({"text": text, "label": label, "spam_probability": round(p_spam, 6),
                               "threshold": threshold}))
         else:
-            shown = "SPAM" if label == labels[1] else "HAM (Normal)"
-            print(f"Text: {text!r}\nPrediction: {shown} (Confidence: {max(p_spam, 1 - p_spam):.2f})\n" + "-" * 30)
+            spam = label == labels[1]  # the confidence is the probability of the label shown
+            print(f"Text: {text!r}\nPrediction: {'SPAM' if spam else 'HAM (Normal)'} "
+                  f"(Confidence: {p_spam if spam else 1 - p_spam:.2f})\n" + "-" * 30)
 
 
 def main(argv=None):

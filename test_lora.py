@@ -2600,3 +2600,29 @@ def test_a_full_disk_while_saving_replaces_nothing(workdir, tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.curves.svg",
                                                          "a.safetensors.metrics.json"]  # no temporary file left
     assert all(p.read_text() == "from an earlier run" for p in tmp_path.iterdir())
+
+
+def test_confidence_is_the_probability_of_the_label_shown(trained):
+    _, adapter = trained
+    text = "WIN a FREE prize 7 now call 0900"
+    p_spam = json.loads(run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "--json", text).stdout)["spam_probability"]
+    for threshold in (0.0, 1.0):  # the label flips with the threshold; the confidence must follow it
+        out = run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "--threshold", str(threshold), text).stdout
+        shown = re.search(r"Prediction: (SPAM|HAM \(Normal\)) \(Confidence: (\d\.\d\d)\)", out)
+        want = p_spam if shown.group(1) == "SPAM" else 1 - p_spam
+        assert shown.group(1) == ("SPAM" if threshold == 0.0 else "HAM (Normal)") and float(shown.group(2)) == round(want, 2)
+
+
+def test_deeply_nested_json_in_config_or_adapter_is_one_line(tmp_path, workdir, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(workdir / "model", folder)
+    (folder / "hparams.json").write_text("[" * 100_000)
+    code, err = run_main(gpt2.main, ["--model-dir", folder, "hi"], capsys)
+    assert code == 2 and "not a GPT-2 hparams.json" in err and one_line(err)
+    model = tiny_classifier()
+    lora.save_adapter(model, tmp_path / "a.safetensors", ADAPTER_META)
+    tensors = gpt2.read_safetensors(tmp_path / "a.safetensors")
+    header = {"format": lora.ADAPTER_FORMAT, "version": str(lora.ADAPTER_VERSION), "rank": "[" * 100_000}
+    gpt2.write_safetensors({k: np.asarray(v) for k, v in tensors.items()}, tmp_path / "deep.safetensors", header)
+    code, err = run_main(predict.main, ["--adapter", tmp_path / "deep.safetensors", "hi"], capsys)
+    assert code == 2 and "not a readable adapter file" in err and one_line(err)

@@ -149,10 +149,14 @@ def curves_svg(batch_losses, history, width=880, height=380) -> str:
     accuracy per epoch (right). Each polyline carries its values as JSON in data-values."""
     epochs = max(len(history), 1)
     top_loss = max([y for _, y in batch_losses] + [h["val_loss"] for h in history] + [1e-9]) * 1.05
-    panels = [("Loss", "loss", top_loss, [("train-loss", "training loss (per logged batch)", batch_losses, "#0072B2", ""),
-                                          ("val-loss", "validation loss", [(h["epoch"], h["val_loss"]) for h in history], "#D55E00", "6 4")]),
-              ("Accuracy", "accuracy (%)", 100, [("train-acc", "training accuracy", [(h["epoch"], 100 * h["train_accuracy"]) for h in history], "#0072B2", ""),
-                                                 ("val-acc", "validation accuracy", [(h["epoch"], 100 * h["val_accuracy"]) for h in history], "#D55E00", "6 4")])]
+    # (id, legend, points, colour, dash): training solid blue, validation dashed orange
+    loss_series = [("train-loss", "training loss (per logged batch)", batch_losses, "#0072B2", ""),
+                   ("val-loss", "validation loss", [(h["epoch"], h["val_loss"]) for h in history], "#D55E00", "6 4")]
+    acc_series = [("train-acc", "training accuracy", [(h["epoch"], 100 * h["train_accuracy"]) for h in history],
+                   "#0072B2", ""),
+                  ("val-acc", "validation accuracy", [(h["epoch"], 100 * h["val_accuracy"]) for h in history],
+                   "#D55E00", "6 4")]
+    panels = [("Loss", "loss", top_loss, loss_series), ("Accuracy", "accuracy (%)", 100, acc_series)]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="13"><rect width="100%" height="100%" fill="white"/>']
     w, h = width / 2 - 90, height - 150  # each plot area; margins hold the axes, title and legend
@@ -276,10 +280,10 @@ def build(args, device):
     """The model, its tokenizer, the data loaders and the precision: everything before training."""
     torch.manual_seed(args.seed)  # LoRA's A and the new head are the only random initialisations
     precision, why = gpt2.choose_precision(args.precision, device)
-    folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
-    messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))
+    messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))  # a --data typo first
     for note in notes:
         print(note, file=sys.stderr)
+    folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
     model, tokenizer = gpt2.load_model_and_tokenizer(
         folder, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     splits = data.split_dataset(messages, seed=args.seed)
@@ -287,6 +291,9 @@ def build(args, device):
         splits.pop("unused")  # 4,080 messages: not worth tokenizing unless asked for
     elif not splits["unused"]:
         raise ValueError("--eval-unused: this data file leaves no unused messages (its classes are balanced)")
+    elif any(label for _, label in splits["unused"]):
+        raise ValueError("--eval-unused measures false positives on the ham left out by balancing, but this "
+                         "file has more spam than ham, so the messages left out are spam; drop --eval-unused")
     loaders = data.make_loaders(splits, tokenizer, batch_size=args.batch_size, seed=args.seed,
                                 max_length=args.max_length, bucket=args.bucket,
                                 context_length=model.cfg.context_length)
@@ -322,6 +329,9 @@ def fit(model, loaders, args, device, precision):
                                                   args.log_every, precision, (clock[0], n * (epoch - 1), clock[2]))
         curve += [(epoch - 1 + (batch + 1) / n, loss) for batch, loss in logged]
         labels, probs, val_loss = spam_probabilities(model, loaders["val"], device, precision)
+        if not math.isfinite(val_loss):
+            raise ValueError(f"the validation loss became {val_loss} in epoch {epoch}; training stopped and "
+                             "nothing was saved. Try a smaller --lr")
         val_acc = binary_metrics(labels, probs, args.threshold)["accuracy"]
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "avg_loss": avg_loss, "train_accuracy": train_acc, "val_loss": val_loss,
@@ -386,7 +396,7 @@ def save(model, folder, loaders, args, precision, metrics, curve):
                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
     files = {out.with_name(out.name + ".metrics.json"): json.dumps(metrics, indent=2) + "\n",
              out.with_name(out.name + ".curves.svg"): curves_svg(curve, metrics["history"]),
-             out: lora.adapter_writer(model, meta, out)}  # only A, B and the head: 10.7 MB for rank 16 on 124M
+             out: lora.adapter_writer(model, meta, out)}  # only A, B and the head: 10.6 MB for rank 16 on 124M
     with gpt2.interrupts_deferred() as interrupted:
         gpt2.atomic_write_all(files)
     print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB), metrics to {out}.metrics.json "
