@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -377,13 +378,26 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
                     f"{shapes[name]} (config: n_embd={cfg.emb_dim}, n_vocab={cfg.vocab_size}, n_ctx={cfg.context_length})")
             if dtype == torch.float32:
                 state[name] = part.float()  # a view of the file when it holds float32: no copy
-            else:  # c_attn, c_proj, c_fc (the matmuls) and wte in dtype (see cast_matmuls); copies, so that
-                # the file's pages are let go once loading ends and no float32 matrix stays alive
+            else:  # c_attn, c_proj, c_fc (the matmuls) and wte in dtype (see cast_matmuls); copies, so
+                # that no float32 matrix stays alive, and the file's pages are let go at once
                 state[name] = part.to(dtype if "/c_" in ckpt or ckpt == "wte" else torch.float32, copy=True)
+        if dtype != torch.float32:
+            _drop_pages(tensors[ckpt])
     state["out_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters: tie them again
     return model.to(device).eval()
+
+
+def _drop_pages(array: np.ndarray):
+    """Let the kernel drop the file pages behind a memory-mapped array once a copy of it is made:
+    otherwise the float32 file (498 MB for 124M) would count in memory until loading ends."""
+    mapping = getattr(array, "_mmap", None)  # np.memmap's own mmap object (and its views')
+    if mapping is None or array.size == 0 or not hasattr(mapping, "madvise"):
+        return
+    offset = array.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, start, offset + array.nbytes - start)  # read-only use: pages reload if touched
 
 
 def cast_matmuls(model: nn.Module, dtype) -> nn.Module:
@@ -724,8 +738,11 @@ PRECISION_HELP = ("auto (CUDA: bf16 where the GPU supports it; CPU: bf16 only wh
 def bf16_speedup(device, m=256, k=768, n=3072, runs=3) -> float:
     """How many times faster a bf16 (m, k) @ (k, n) matmul runs than a float32 one: model-like
     shapes, best of runs after a warm-up (noise only ever slows a run). About 0.1 s on a CPU."""
+    generator = torch.Generator(device).manual_seed(0)  # its own: the probe never moves the global seed
+
     def best(dtype):
-        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        a = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(k, n, device=device, dtype=dtype, generator=generator)
         times = []
         for _ in range(runs + 1):
             start = time.perf_counter()

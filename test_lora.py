@@ -2641,3 +2641,11 @@ def test_the_tensorflow_written_index_crcs_match_the_data():
     """TensorFlow itself wrote these checksums (testdata/), so this checks our CRC against TF's."""
     gpt2.verify_tf_data(TINY_TF / "model.ckpt.index", TINY_TF / "model.ckpt.data-00000-of-00001")
     assert all(crc is not None for *_, crc in list(gpt2._tf_entries(TINY_TF / "model.ckpt.index"))[1:])
+
+
+def test_the_precision_probe_leaves_the_global_random_state_alone():
+    torch.manual_seed(7)
+    gpt2.bf16_speedup(torch.device("cpu"), m=8, k=8, n=8, runs=1)
+    after_probe = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after_probe)  # so --precision auto trains like --precision bf16
