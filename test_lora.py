@@ -795,10 +795,7 @@ def tiny_classifier(rank=4, alpha=8, targets=None, n_classes=2, seed=0, cfg=None
     torch.manual_seed(seed)
     model = gpt2.GPTModel(cfg or tiny_cfg())
     torch.manual_seed(seed if lora_seed is None else lora_seed)
-    lora.replace_linear_with_lora(model, rank=rank, alpha=alpha, targets=targets)
-    lora.freeze_and_activate_lora(model)
-    model.out_head = torch.nn.Linear(model.cfg.emb_dim, n_classes)
-    return model
+    return lora.build_classifier(model, n_classes, rank=rank, alpha=alpha, targets=targets)
 
 
 def train_steps(model, steps=3, seed=1):
