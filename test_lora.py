@@ -2646,3 +2646,12 @@ def test_the_precision_probe_leaves_the_global_random_state_alone():
     after_probe = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(torch.rand(3), after_probe)  # so --precision auto trains like --precision bf16
+
+
+@pytest.mark.skipif(not (SHARED / "openai-gpt2-124M" / "model.ckpt.index").exists(), reason="../shared/data absent")
+def test_openai_124m_index_carries_a_crc_for_every_tensor():
+    entries = gpt2._tf_entries(SHARED / "openai-gpt2-124M" / "model.ckpt.index")
+    assert next(entries) == 1  # one data shard
+    rows = list(entries)
+    assert len(rows) == 148 and all(crc is not None for *_, crc in rows)
+    assert sum(size for *_, size, _ in rows) == 497_759_232  # the data file's published size
