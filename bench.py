@@ -283,7 +283,7 @@ def bench_load(cfg, work, runs):
 
 
 # ----------------------------------------------------------------------------------------------
-# predict: the whole command (cold start, 1,000 messages on stdin) and batch-1 latency
+# predict: the whole command (cold start, 1,000 messages on stdin; 50 with --quick) and batch-1 latency
 
 
 def run_timed(cmd, stdin=None) -> float:
@@ -305,14 +305,14 @@ def script_peak_rss_mib(script_and_args) -> float:
     return float(last.split()[1])
 
 
-def thousand_messages() -> bytes:
-    """1,000 SMS texts, one a line: the real ones when ../shared/data has them."""
+def first_messages(n=1000) -> bytes:
+    """n SMS texts, one a line: the real ones when ../shared/data has them."""
     if (SHARED / "SMSSpamCollection").exists():
-        texts = [t for t, _ in data.load_messages(SHARED / "SMSSpamCollection")][:1000]
+        texts = [t for t, _ in data.load_messages(SHARED / "SMSSpamCollection")][:n]
     else:
         rng = random.Random(1)
         texts = [" ".join(rng.choice(["win", "cash", "call", "now", "lunch", "ok", "see", "you"])
-                          for _ in range(rng.randint(3, 40))) for _ in range(1000)]
+                          for _ in range(rng.randint(3, 40))) for _ in range(n)]
     return "\n".join(t.replace("\n", " ") for t in texts).encode() + b"\n"
 
 
@@ -330,13 +330,15 @@ def bench_predict(cfg, rank, work, runs, device, latency_pairs=20):
     msg = "Congratulations! You have won a free cruise, call 0800 123 456 now to claim your prize."
     results = {"import_torch": summary([run_timed([sys.executable, "-c", "import torch"]) for _ in range(runs)])}
     results["import_torch_s"] = results["import_torch"]["median"]
+    n = 1000 if runs > 1 else 50  # --quick: enough to show the path works
+    stdin = first_messages(n)
     for precision in ("auto", *PRECISIONS):
         args = ["predict.py", "--adapter", str(adapter), "--device", str(device), "--precision", precision]
         cold = [run_timed([sys.executable, *args, msg]) for _ in range(runs)]
-        many = [run_timed([sys.executable, *args, "-"], stdin=thousand_messages()) for _ in range(max(1, runs // 2))]
+        many = [run_timed([sys.executable, *args, "-"], stdin=stdin) for _ in range(max(1, runs // 2))]
         results[precision] = {"cold_start_s": statistics.median(cold), "cold_start": summary(cold),
-                              "thousand_messages_s": statistics.median(many),
-                              "messages_per_s": 1000 / statistics.median(many)}
+                              "stdin_messages": n, "stdin_s": statistics.median(many),
+                              "messages_per_s": n / statistics.median(many)}
         if precision != "auto":
             results[precision]["peak_rss_mib"] = script_peak_rss_mib([*args, msg])
     results.update(latency(model, gpt2.load_tokenizer(folder), msg, device, latency_pairs))
@@ -493,8 +495,8 @@ def report_load_predict(r):
     if "import_torch_s" in x:
         rows.append(("predict", "python -c 'import torch', s", f"{x['import_torch_s']:.2f}"))
         for p in ("auto", *PRECISIONS):
-            rows += [("predict", f"{p}: cold start s | 1,000 messages on stdin s (msgs/s)",
-                      f"{x[p]['cold_start_s']:.2f} | {x[p]['thousand_messages_s']:.1f} ({x[p]['messages_per_s']:.0f})")]
+            rows += [("predict", f"{p}: cold start s | {x[p]['stdin_messages']:,} messages on stdin s (msgs/s)",
+                      f"{x[p]['cold_start_s']:.2f} | {x[p]['stdin_s']:.1f} ({x[p]['messages_per_s']:.0f})")]
             if "peak_rss_mib" in x[p]:
                 rows.append(("predict", f"{p}: peak RSS MiB", f"{x[p]['peak_rss_mib']:,.0f}"))
         rows.append(("predict", "batch-1 latency, 30 tokens, fp32: merged | unmerged, ms",

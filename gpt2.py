@@ -686,11 +686,9 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted"):
     except BrokenPipeError:  # e.g. piped into head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        fail(prog, f"out of memory ({str(e)[:80]}); try a smaller --batch-size or model")
-    except RuntimeError as e:
-        if "allocate" not in str(e):  # the CPU allocator's "can't allocate memory"; others are bugs
-            raise
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
+            raise  # not the CPU allocator's "can't allocate memory": a bug, keep its traceback
         fail(prog, f"out of memory ({str(e)[:80]}); try a smaller --batch-size or model")
     except (ValueError, OSError, DownloadError, *expected) as e:
         fail(prog, e)

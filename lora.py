@@ -40,11 +40,14 @@ TARGET_GROUPS = {
 }
 
 
+MAX_RANK, MAX_ALPHA = 65_536, 1e9  # bounds that a typo cannot pass; the adapter file checks the same
+
+
 def check_lora_hparams(rank, alpha, dropout=0.0):
     """Raise ValueError unless rank is an integer >= 1, alpha > 0 and 0 <= dropout < 1."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 65_536:
-        raise ValueError(f"LoRA rank must be an integer >= 1 (at most 65,536), got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1e9:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"LoRA rank must be an integer >= 1 (at most {MAX_RANK:,}), got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_ALPHA:
         raise ValueError(f"LoRA alpha must be a number > 0 (at most 1e9, as an adapter file allows), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
@@ -256,8 +259,8 @@ def _names(v):
 
 
 ADAPTER_SCHEMA = {  # key: (check, what it must be); other keys are kept but not required (newer files)
-    "rank": (_number(1, 65_536, integer=True), "a whole number >= 1"),
-    "alpha": (_number(0, 1e9, low_open=True), "a number > 0"),
+    "rank": (_number(1, MAX_RANK, integer=True), "a whole number >= 1"),
+    "alpha": (_number(0, MAX_ALPHA, low_open=True), "a number > 0"),
     "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)"),
     "targets": (lambda v: v == "all" or _names(v), '"all" or a list of layer names'),
     "labels": (lambda v: _names(v) and len(v) == 2 and v[0] != v[1], "two different label names"),

@@ -1966,7 +1966,7 @@ def test_threshold_is_stored_reported_and_overridden(workdir, tmp_path, capsys):
 @pytest.mark.parametrize("speedup, expected", [(4.6, "bf16"), (1.5, "bf16"), (1.2, "fp32"), (0.5, "fp32")])
 def test_auto_precision_follows_the_measured_speedup(speedup, expected):
     precision, why = gpt2.choose_precision("auto", torch.device("cpu"), speedup=lambda device: speedup)
-    assert precision == expected and f"{speedup:.1f}" in why or f"{speedup:.2f}" in why
+    assert precision == expected and (f"{speedup:.1f}x" in why or f"{speedup:.2f}x" in why)
     assert gpt2.choose_precision("fp32", torch.device("cpu"), speedup=lambda d: 9.9)[0] == "fp32"
     assert gpt2.choose_precision("bf16", torch.device("cpu"), speedup=lambda d: 0.1)[0] == "bf16"
 
@@ -2599,13 +2599,14 @@ def test_a_full_disk_while_saving_replaces_nothing(workdir, tmp_path, monkeypatc
     assert all(p.read_text() == "from an earlier run" for p in tmp_path.iterdir())
 
 
-def test_confidence_is_the_probability_of_the_label_shown(trained):
+def test_confidence_is_the_probability_of_the_label_shown(trained, capsys):
     _, adapter = trained
     text = "WIN a FREE prize 7 now call 0900"
-    p_spam = json.loads(run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "--json", text).stdout)["spam_probability"]
+    predict.main(["--precision", "fp32", "--adapter", str(adapter), "--json", text])
+    p_spam = json.loads(capsys.readouterr().out)["spam_probability"]
     for threshold in (0.0, 1.0):  # the label flips with the threshold; the confidence must follow it
-        out = run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "--threshold", str(threshold), text).stdout
-        shown = re.search(r"Prediction: (SPAM|HAM \(Normal\)) \(Confidence: (\d\.\d\d)\)", out)
+        predict.main(["--precision", "fp32", "--adapter", str(adapter), "--threshold", str(threshold), text])
+        shown = re.search(r"Prediction: (SPAM|HAM \(Normal\)) \(Confidence: (\d\.\d\d)\)", capsys.readouterr().out)
         want = p_spam if shown.group(1) == "SPAM" else 1 - p_spam
         assert shown.group(1) == ("SPAM" if threshold == 0.0 else "HAM (Normal)") and float(shown.group(2)) == round(want, 2)
 
@@ -2655,3 +2656,14 @@ def test_openai_124m_index_carries_a_crc_for_every_tensor():
     rows = list(entries)
     assert len(rows) == 148 and all(crc is not None for *_, crc in rows)
     assert sum(size for *_, size, _ in rows) == 497_759_232  # the data file's published size
+
+
+def test_running_out_of_memory_is_one_line_and_a_bug_is_not_hidden(capsys):
+    def no_memory():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+    with pytest.raises(SystemExit) as info:
+        gpt2.run_cli(no_memory, "x.py")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "out of memory" in err and "smaller --batch-size" in err and one_line(err)
+    with pytest.raises(RuntimeError, match="some bug"):
+        gpt2.run_cli(lambda: (_ for _ in ()).throw(RuntimeError("some bug")), "x.py")
