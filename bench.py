@@ -49,7 +49,7 @@ import train
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared" / "data"
-SECTIONS = ("peak", "train_step", "epoch", "load", "predict", "memory")
+SECTIONS = ("peak", "train_step", "attention", "epoch", "load", "predict", "memory")
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TINY = gpt2.GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
@@ -150,6 +150,23 @@ def bench_train_step(cfg, rank, device, precision, steps, peak_runs, warmup=2, B
             "seconds": summary(times), "examples_per_s": B / statistics.median(times), "flops_per_step": flops,
             "achieved_gflops": achieved, "peak_gflops_before": peak_before, "peak_gflops_after": peak_after,
             "mfu": achieved / peak, "peak_rss_mib": peak_rss_mib()}
+
+
+def bench_attention(cfg, device, runs, B=8, lengths=(30, FIXED_T, 256)):
+    """Milliseconds of one attention forward + backward, (B, heads, T, head_dim), in each precision:
+    PyTorch's fused kernel against the equation written out (gpt2.causal_attention), which the
+    model takes for bf16 training on a CPU up to 256 tokens. 30 tokens: about a typical SMS batch."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for p, T in itertools.product(PRECISIONS, lengths):
+        shape = (B, cfg.n_heads, T, cfg.emb_dim // cfg.n_heads)
+        q, k, v = (torch.randn(shape, generator=gen).to(device, DTYPES[p]).requires_grad_() for _ in range(3))
+        grad = torch.randn(shape, generator=gen).to(device, DTYPES[p])
+        kernels = {"fused": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                   "written_out": lambda: gpt2.causal_attention(q, k, v)}
+        out[f"{p}_T{T}"] = {name: 1e3 * statistics.median(timed(lambda: f().backward(grad), 5 * runs, 3, device))
+                            for name, f in kernels.items()}
+    return out
 
 
 def peak_rss_mib():
@@ -397,7 +414,7 @@ def run(args):
     sections = args.only or SECTIONS
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        for section in ("peak", "train_step", "epoch", "load", "predict", "peak_after"):
+        for section in ("peak", "train_step", "attention", "epoch", "load", "predict", "peak_after"):
             wanted = section in sections or (section == "peak_after" and "peak" in sections) or \
                 (section in ("train_step", "predict") and "memory" in sections)
             if wanted:
@@ -429,6 +446,8 @@ def run_section(section, args, results, work, runs, chosen):
                 raise RuntimeError(f"the {precision} train-step process failed: {result.stderr.strip()[-500:]}")
             results["by_precision"][precision]["train_step"] = json.loads(result.stdout)
         results["train_step"] = results["by_precision"][chosen]["train_step"]
+    elif section == "attention":
+        results["attention"] = bench_attention(cfg, args.device, runs)
     elif section == "epoch":
         results["epoch"] = bench_epoch(cfg, args.rank, args.device, args.quick, chosen)
     elif section == "load":
@@ -458,6 +477,10 @@ def report(r):
                       f"{t['flops_per_step'] / 1e9:,.1f} | {t['achieved_gflops']:,.1f}"),
                      ("train_step", f"{p} MFU (achieved / {p} peak 2048 mm)", f"{t['mfu']:.2f}"),
                      ("train_step", f"{p} peak RSS MiB", f"{t['peak_rss_mib']:,.0f}")]
+    for case, ms in r.get("attention", {}).items():
+        p, T = case.split("_T")
+        rows.append(("attention", f"{p} fwd+bwd, 8 x {T} tokens, ms: fused kernel | written out",
+                     f"{ms['fused']:.2f} | {ms['written_out']:.2f}"))
     if "epoch" in r:
         e = r["epoch"]
         rows += [("epoch", f"{p} train + val epoch, s ({e['messages']:,} + {e['val_messages']:,} msgs, {e['data']})",

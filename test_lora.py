@@ -1843,9 +1843,11 @@ def test_bench_quick_on_the_tiny_config_reports_every_figure(tmp_path):
     result = run_script("bench.py", "--quick", "--model", "tiny", "--out", out)
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
-    assert {"peak", "train_step", "epoch", "load", "predict", "memory"} <= r.keys(), r.keys()
+    assert {"peak", "train_step", "attention", "epoch", "load", "predict", "memory"} <= r.keys(), r.keys()
     figures = [r["train_step"]["seconds_per_step"], r["train_step"]["mfu"], r["epoch"]["ratio"], r["load"]["seconds"],
                r["load"]["read_seconds"], r["memory"]["train_peak_rss_mib"]]
+    figures += [ms for case in r["attention"].values() for ms in case.values()]
+    assert len(r["attention"]) == 6  # fp32 and bf16, at 30, 120 and 256 tokens
     if (SHARED / "gpt2-bpe" / "vocab.bpe").exists():  # predict needs a real tokenizer for the 50,257 vocabulary
         figures += [r["predict"]["cold_start_s"], r["predict"]["import_torch_s"], r["memory"]["predict_peak_rss_mib"]]
     assert all(isinstance(x, float) and x > 0 for x in figures), figures
@@ -1998,6 +2000,34 @@ def test_bf16_and_fp32_forwards_agree_within_bf16_rounding(tmp_path):
         full = fp32(ids)
     assert (low - full).abs().max() <= 0.05 * full.std()
     assert (low - full).abs().max() > 0  # bf16 really ran
+
+
+def test_causal_attention_written_out_is_the_equation():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=g) for _ in range(3))
+    got = gpt2.causal_attention(q, k, v).numpy()
+    qn, kn, vn = (a.numpy().astype(np.float64) for a in (q, k, v))
+    scores = qn @ kn.transpose(0, 1, 3, 2) / 2.0  # sqrt(d_head) = 2
+    scores = np.where(np.tril(np.ones((7, 7), bool)), scores, -np.inf)  # token t sees 0..t only
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, (weights / weights.sum(-1, keepdims=True)) @ vn, atol=1e-6, rtol=0)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(got, fused.numpy(), atol=1e-6, rtol=0)
+
+
+def test_bf16_training_forward_agrees_with_the_fused_kernel(tmp_path):
+    """With gradients on, a bf16 model on the CPU takes the written-out attention; without, the fused
+    kernel. Both round the same bf16 inputs, so they differ by bf16 rounding only (see above)."""
+    cfg = tiny_cfg(emb_dim=64, n_heads=4)
+    write_model_folder(tmp_path / "m", cfg, random_tensors(cfg, seed=4, scale=0.1))
+    model = gpt2.load_gpt2(tmp_path / "m", dtype=torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with gpt2.autocast_for(torch.device("cpu"), "bf16"):
+        written_out = model(ids).float()
+        with torch.no_grad():
+            fused = model(ids).float()
+    assert written_out.requires_grad and not fused.requires_grad
+    assert (written_out - fused).abs().max() <= 0.05 * fused.std()
 
 
 def test_bf16_training_reaches_the_fp32_accuracy(workdir, tmp_path):
