@@ -41,6 +41,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # 1. Configuration, and the two ways loading can fail
@@ -144,10 +145,10 @@ def causal_attention(q, k, v, dropout=0.0):
     T = q.shape[-2]
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T): how much t attends to s
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # M = -inf where s > t
-    # The softmax in float32 whatever the inputs: its sums would lose the small weights in bf16.
-    # The mask is also why right padding never changes the outputs at real tokens.
-    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32)
-    return F.dropout(weights, dropout).to(v.dtype) @ v  # (B, H, T, d_head)
+    # The mask is also why right padding never changes the outputs at real tokens. (For bf16 scores
+    # PyTorch's softmax still sums in float32; only the weights it returns are rounded to bf16.)
+    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return F.dropout(weights, dropout) @ v  # (B, H, T, d_head)
 
 
 class FeedForward(nn.Module):
@@ -185,7 +186,11 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """GPT-2: idx (B, T) int64 token ids -> logits (B, T, out_head.out_features)."""
+    """GPT-2: idx (B, T) int64 token ids -> logits (B, T, out_head.out_features).
+
+    Set gradient_checkpointing = True to train big models in less memory (see forward)."""
+
+    gradient_checkpointing = False
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -223,7 +228,13 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.cfg.context_length})")
         pos = torch.arange(T, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        x = self.trf_blocks(x)
+        for block in self.trf_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # Keep only the block's input, and run the block again in the backward pass (Chen et
+                # al. 2016): a third more compute, but the saved activations of one block, not all.
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, vocab_size), or (B, T, num_classes) with a classification head
 
@@ -686,9 +697,11 @@ def fail(prog: str, message) -> None:
     sys.exit(2)
 
 
-def run_cli(main, prog: str, expected=(), interrupted="interrupted"):
+def run_cli(main, prog: str, expected=(), interrupted="interrupted",
+            memory_tip="try a smaller --batch-size or model"):
     """Run main(); Ctrl-C ends in one line and exit code 130 (the shell's "stopped by SIGINT"),
-    the expected errors in one line and exit code 2, a closed output pipe quietly."""
+    the expected errors and running out of memory in one line and exit code 2, a closed output
+    pipe quietly."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C raises KeyboardInterrupt
     try:
         main()
@@ -701,7 +714,7 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted"):
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
             raise  # not the CPU allocator's "can't allocate memory": a bug, keep its traceback
-        fail(prog, f"out of memory ({str(e)[:80]}); try a smaller --batch-size or model")
+        fail(prog, f"out of memory ({str(e)[:80]}); {memory_tip}")
     except (ValueError, OSError, DownloadError, *expected) as e:
         fail(prog, e)
 

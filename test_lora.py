@@ -973,6 +973,28 @@ def test_merge_of_a_bf16_model_is_formed_in_float32():
     assert holder[0].weight.dtype == torch.bfloat16 and torch.equal(holder[0].weight, expected)
 
 
+def test_gradient_checkpointing_saves_less_and_gives_the_same_gradients():
+    """Dropout on, so the recomputed forward must also draw the same dropout masks."""
+    def gradients(checkpointing):
+        model = tiny_classifier(cfg=tiny_cfg(drop_rate=0.2, n_layers=3)).train()
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(7)
+        ids = torch.randint(0, TINY_VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+        saved = []  # bytes autograd keeps for the backward pass, outside the recomputed blocks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            loss = model(ids)[:, -1, :].logsumexp(-1).sum()
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, sum(saved)
+
+    plain, plain_bytes = gradients(False)
+    recomputed, recomputed_bytes = gradients(True)
+    assert recomputed_bytes < plain_bytes / 3
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=1e-6, msg=name)
+    assert any(plain[n].abs().sum() > 0 for n in plain if n.endswith(".B"))  # the test has gradients to compare
+
+
 def test_save_then_load_reproduces_outputs_exactly(tmp_path):
     model = train_steps(tiny_classifier(seed=0))
     lora.save_adapter(model, tmp_path / "a.pt", {**ADAPTER_META, "model": "tiny"})
@@ -1728,6 +1750,20 @@ def test_train_is_reproducible_for_a_seed(workdir, tmp_path):
     _, a = lora.read_adapter(tmp_path / "x.pt")
     _, b = lora.read_adapter(tmp_path / "y.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_trains_exactly_the_same(trained, tmp_path):
+    result = run_script(HERE / "train.py", "--model-dir", trained[1].parent / "model", "--data",
+                        trained[1].parent / "sms.txt", *TRAIN_ARGS, "--eval-unused", "--gradient-checkpointing",
+                        "--out", tmp_path / "c.pt")
+    assert result.returncode == 0, result.stderr
+    runs = [json.loads(Path(f"{out}.metrics.json").read_text()) for out in (trained[1], tmp_path / "c.pt")]
+    assert runs[1]["args"]["gradient_checkpointing"] and not runs[0]["args"]["gradient_checkpointing"]
+    for run in runs:
+        for h in run["history"]:
+            h.pop("seconds")
+        run.pop("args"), run.pop("run_id")
+    assert runs[0] == runs[1]
 
 
 def test_predict_prints_text_label_and_confidence(trained):
@@ -2688,12 +2724,16 @@ def test_openai_124m_index_carries_a_crc_for_every_tensor():
     assert sum(size for *_, size, _ in rows) == 497_759_232  # the data file's published size
 
 
-def test_running_out_of_memory_is_one_line_and_a_bug_is_not_hidden(capsys):
+def test_running_out_of_memory_is_one_line_and_a_bug_is_not_hidden(capsys, monkeypatch):
     def no_memory():
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
     with pytest.raises(SystemExit) as info:
         gpt2.run_cli(no_memory, "x.py")
     err = capsys.readouterr().err
     assert info.value.code == 2 and "out of memory" in err and "smaller --batch-size" in err and one_line(err)
+    monkeypatch.setattr(train, "run", lambda args: (_ for _ in ()).throw(MemoryError("no room")))
+    with pytest.raises(SystemExit):
+        train.main([])
+    assert "or --gradient-checkpointing" in capsys.readouterr().err  # train.py's own tip
     with pytest.raises(RuntimeError, match="some bug"):
         gpt2.run_cli(lambda: (_ for _ in ()).throw(RuntimeError("some bug")), "x.py")

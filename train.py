@@ -220,6 +220,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the batch order and the init")
     p.add_argument("--device", default="auto", help=gpt2.DEVICE_HELP)
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=gpt2.PRECISION_HELP)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: about a third slower, "
+                        "a fraction of the memory (for the larger models); the results are the same")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help="adapter file to write; beside it <out>.metrics.json and <out>.curves.svg")
     p.add_argument("--eval-unused", action="store_true",
@@ -304,6 +307,7 @@ def build(args, device):
     print(f"\nModel before LoRA (the first of {len(model.trf_blocks)} transformer blocks):")
     print(model.trf_blocks[0])
     lora.build_classifier(model, len(data.LABELS), args.rank, args.alpha, args.lora_dropout, targets=args.targets)
+    model.gradient_checkpointing = args.gradient_checkpointing
     print("\nModel after LoRA:")
     print(model.trf_blocks[0])
     lora.print_trainable_parameters(model, skip=("out_head",))  # the counts before the new head
@@ -416,7 +420,8 @@ def run(args):
 
 def main(argv=None):
     gpt2.run_cli(lambda: run(parse_args(argv)), "train.py", expected=(data.DataError,),
-                 interrupted="interrupted; nothing was saved (an existing adapter is untouched)")
+                 interrupted="interrupted; nothing was saved (an existing adapter is untouched)",
+                 memory_tip="try a smaller --batch-size or model, or --gradient-checkpointing")
 
 
 if __name__ == "__main__":
