@@ -131,22 +131,26 @@ class MultiHeadAttention(nn.Module):
         v = self.W_value(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T <= 256:
-            # Training in bf16 on a CPU, PyTorch's fused kernel has a slow backward pass: the equation
-            # written out trains 2-5x faster at SMS lengths (bench.py's attention row measures it).
+            # With gradients on (training) in bf16 on a CPU, PyTorch's fused kernel has a slow backward
+            # pass: written out, attention's forward + backward runs 2.5-4x faster at SMS lengths
+            # and about as fast at 256 tokens (bench.py's attention rows measure it).
             y = causal_attention(q, k, v, dropout)
-        else:  # the same equation in one fused kernel, which never stores the (T, T) weights
+        else:  # the same equation in one fused kernel, which (without dropout) stores no (T, T) weights
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, self.d_out)  # heads side by side again: (B, T, C)
         return self.out_proj(y)
 
 
 def causal_attention(q, k, v, dropout=0.0):
-    """softmax(Q K^T / sqrt(d_head) + M) V, written out, for q, k, v of shape (B, H, T, d_head)."""
+    """softmax(Q K^T / sqrt(d_head) + M) V, written out, for q, k, v of shape (B, H, T, d_head);
+    dropout on the attention weights with that probability (pass 0 when not training)."""
     T = q.shape[-2]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T): how much t attends to s
+    # (B, H, T, T): how much token t attends to token s. In bf16 these scores are rounded to 8
+    # significant bits before the softmax, as in any bf16 matmul (the fused kernel keeps them in
+    # float32), so the two forms agree to bf16 rounding; the softmax itself sums in float32.
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # M = -inf where s > t
-    # The mask is also why right padding never changes the outputs at real tokens. (For bf16 scores
-    # PyTorch's softmax still sums in float32; only the weights it returns are rounded to bf16.)
+    # The mask is also why right padding never changes the outputs at real tokens.
     weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
     return F.dropout(weights, dropout) @ v  # (B, H, T, d_head)
 
@@ -231,7 +235,8 @@ class GPTModel(nn.Module):
         for block in self.trf_blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # Keep only the block's input, and run the block again in the backward pass (Chen et
-                # al. 2016): a third more compute, but the saved activations of one block, not all.
+                # al. 2016): up to half again the compute (the frozen weights' backward costs about one
+                # forward), but the saved activations of one block at a time, not of all of them.
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
