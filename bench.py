@@ -485,22 +485,11 @@ def report(r):
                       f"{t['flops_per_step'] / 1e9:,.1f} | {t['achieved_gflops']:,.1f}"),
                      ("train_step", f"{p} MFU (achieved / {p} peak 2048 mm)", f"{t['mfu']:.2f}"),
                      ("train_step", f"{p} peak RSS MiB", f"{t['peak_rss_mib']:,.0f}")]
-    for case, ms in r.get("attention", {}).items():
+    for case, ms in r.get("attention", {}).items():  # e.g. "bf16_T120"
         p, T = case.split("_T")
         rows.append(("attention", f"{p} fwd+bwd, 8 x {T} tokens, ms: fused kernel | written out",
                      f"{ms['fused']:.2f} | {ms['written_out']:.2f}"))
-    if "epoch" in r:
-        e = r["epoch"]
-        rows += [("epoch", f"{p} train + val epoch, s ({e['messages']:,} + {e['val_messages']:,} msgs, {e['data']})",
-                  f"{e[f'train_and_val_{p}_s']:.1f}") for p in PRECISIONS]
-        rows += [("epoch", f"{r['precision']} / fp32 epoch", f"{e['precision_ratio']:.2f}"),
-                 ("epoch", f"dynamic + buckets, train only, s ({r['precision']})", f"{e['dynamic_bucketed']['seconds']:.1f}"),
-                 ("epoch", f"fixed {FIXED_T}-token padding, s ({e['fixed_120']['timed_batches']} of "
-                           f"{e['fixed_120']['batches']} batches timed)", f"{e['fixed_120']['seconds']:.1f}"),
-                 ("epoch", "tokens incl. padding: dynamic | fixed",
-                  f"{e['dynamic_bucketed']['tokens_with_padding']:,} | {e['fixed_120']['tokens_with_padding']:,}"),
-                 ("epoch", "ratio fixed / dynamic", f"{e['ratio']:.2f}x")]
-    rows += report_load_predict(r)
+    rows += report_epoch(r) + report_load_predict(r)
     width = max(len(name) for _, name, _ in rows) if rows else 10
     print(f"bench.py: model {r['model']}, LoRA rank {r['rank']}, {r['device']}, {r['threads']} threads, "
           f"torch {r['torch']}; precision {r['precision']} ({r['precision_why']})")
@@ -512,6 +501,22 @@ def report(r):
     print("\nTargets:")
     for label, ok in targets(r):
         print(f"  [{'met' if ok else 'MISSED'}] {label}")
+
+
+def report_epoch(r):
+    if "epoch" not in r:
+        return []
+    e = r["epoch"]
+    rows = [("epoch", f"{p} train + val epoch, s ({e['messages']:,} + {e['val_messages']:,} msgs, {e['data']})",
+             f"{e[f'train_and_val_{p}_s']:.1f}") for p in PRECISIONS]
+    rows += [("epoch", f"{r['precision']} / fp32 epoch", f"{e['precision_ratio']:.2f}"),
+             ("epoch", f"dynamic + buckets, train only, s ({r['precision']})", f"{e['dynamic_bucketed']['seconds']:.1f}"),
+             ("epoch", f"fixed {FIXED_T}-token padding, s ({e['fixed_120']['timed_batches']} of "
+                       f"{e['fixed_120']['batches']} batches timed)", f"{e['fixed_120']['seconds']:.1f}"),
+             ("epoch", "tokens incl. padding: dynamic | fixed",
+              f"{e['dynamic_bucketed']['tokens_with_padding']:,} | {e['fixed_120']['tokens_with_padding']:,}"),
+             ("epoch", "ratio fixed / dynamic", f"{e['ratio']:.2f}x")]
+    return rows
 
 
 def report_load_predict(r):

@@ -381,11 +381,7 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     cfg = read_config(model_dir)
     tensors, source = read_checkpoint(model_dir)
     table = weight_table(cfg.n_layers)
-    missing, extra = {c for c, _, _ in table} - tensors.keys(), tensors.keys() - {c for c, _, _ in table}
-    if missing or extra:
-        parts = [f"missing {listing(missing)}" if missing else "", f"unexpected {listing(extra)}" if extra else ""]
-        raise CheckpointError(f"{model_dir}: the {source} does not match its config ({cfg.n_layers} layers): "
-                              + "; ".join(p for p in parts if p))
+    _check_names({c for c, _, _ in table}, tensors.keys(), f"{model_dir}: the {source}", cfg.n_layers)
     with torch.device("meta"):
         model = GPTModel(cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -415,6 +411,15 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     model.load_state_dict(state, strict=True, assign=True)
     model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters: tie them again
     return model.to(device).eval()
+
+
+def _check_names(expected: set, found, where: str, n_layers: int):
+    """The checkpoint must hold exactly the table's names: none missing, none left over."""
+    missing, extra = expected - set(found), set(found) - expected
+    if missing or extra:
+        parts = [f"missing {listing(missing)}" if missing else "", f"unexpected {listing(extra)}" if extra else ""]
+        raise CheckpointError(f"{where} does not match its config ({n_layers} layers): "
+                              + "; ".join(p for p in parts if p))
 
 
 def _drop_pages(array: np.ndarray):
