@@ -237,8 +237,8 @@ def bench_epoch(cfg, rank, device, quick, chosen):
     splits = {"train": splits["train"][:32], "val": splits["val"][:16]} if quick else splits
     results = {"data": source, "messages": len(splits["train"]), "val_messages": len(splits["val"])}
     loaders = data.make_loaders(splits, tokenizer, batch_size=8, seed=42, context_length=cfg.context_length)
-    for precision in PRECISIONS:  # the whole epoch as train.py times it, in each precision
-        model = build_classifier(cfg, rank, device, precision)
+    for precision in sorted(PRECISIONS, key=lambda p: p == chosen):  # the chosen one last: its model stays
+        model = build_classifier(cfg, rank, device, precision)  # the whole epoch as train.py times it
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         results[f"train_and_val_{precision}_s"] = time_epoch(model, loaders, optimizer, device, precision)
     results["precision_ratio"] = results[f"train_and_val_{chosen}_s"] / results["train_and_val_fp32_s"]

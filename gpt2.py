@@ -104,6 +104,9 @@ def check_config(values: dict, where: str) -> GPTConfig:
 # 2. The model
 
 
+WRITTEN_OUT_MAX_T = 256  # see MultiHeadAttention.forward
+
+
 class MultiHeadAttention(nn.Module):
     """Causal self-attention over n_heads heads, each of size d_head = d_out / n_heads:
 
@@ -130,7 +133,7 @@ class MultiHeadAttention(nn.Module):
         k = self.W_key(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.W_value(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T <= 256:
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and T <= WRITTEN_OUT_MAX_T:
             # With gradients on (training) in bf16 on a CPU, PyTorch's fused kernel has a slow backward
             # pass: written out, attention's forward + backward runs 2.5-4x faster at SMS lengths
             # and about as fast at 256 tokens (bench.py's attention rows measure it).
@@ -390,10 +393,9 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
         if tensors[ckpt].dtype.kind != "f":
             raise CheckpointError(f"{model_dir}: tensor {ckpt} holds {tensors[ckpt].dtype}, not floating-point weights")
         t = torch.from_numpy(tensors[ckpt])
-        if conv and t.dim() == 3:
-            t = t.reshape(t.shape[-2:]).T  # Conv1D (1, in, out) -> Linear (out, in), a view
-        elif conv and t.dim() == 2:
-            t = t.T  # HF keeps Conv1D weights as (in, out)
+        if conv and t.dim() in (2, 3) and t.shape[:-2].numel() == 1:
+            # Conv1D (1, in, out), or HF's (in, out) -> Linear (out, in), a view; other shapes fail below
+            t = t.reshape(t.shape[-2:]).T
         parts = t.chunk(len(names), dim=0) if t.dim() and t.shape[0] % len(names) == 0 else (t,)
         for name, part in zip(names, parts):
             if len(parts) != len(names) or tuple(part.shape) != shapes[name]:
@@ -721,12 +723,12 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
     except BrokenPipeError:  # e.g. piped into head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    except (ValueError, OSError, DownloadError, *expected) as e:  # first: DownloadError is a RuntimeError
+        fail(prog, e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "allocate" not in str(e):
             raise  # not the CPU allocator's "can't allocate memory": a bug, keep its traceback
         fail(prog, f"out of memory ({str(e)[:80]}); {memory_tip}")
-    except (ValueError, OSError, DownloadError, *expected) as e:
-        fail(prog, e)
 
 
 @contextlib.contextmanager
@@ -764,8 +766,9 @@ def pick_device(name="auto") -> torch.device:
     return device
 
 
+BF16_MIN_SPEEDUP = 1.5  # on a CPU, bf16 only where a matmul measures at least this much faster
 PRECISION_HELP = ("auto (CUDA: bf16 where the GPU supports it; CPU: bf16 only where a short probe measures a bf16 "
-                  "matmul at least 1.5x faster than fp32; otherwise fp32), bf16 or fp32")
+                  f"matmul at least {BF16_MIN_SPEEDUP}x faster than fp32; otherwise fp32), bf16 or fp32")
 
 
 def bf16_speedup(device, m=256, k=768, n=3072, runs=3) -> float:
@@ -787,7 +790,8 @@ def bf16_speedup(device, m=256, k=768, n=3072, runs=3) -> float:
 
 def choose_precision(requested: str, device: torch.device, speedup=bf16_speedup) -> tuple[str, str]:
     """("fp32" or "bf16", why). auto: bf16 on a GPU that has it; on a CPU only where a short
-    measurement shows bf16 at least 1.5x faster (some CPUs run it 4-5x faster, others 2x slower)."""
+    measurement shows bf16 at least BF16_MIN_SPEEDUP times faster (some CPUs run it 4-5x faster, others
+    2x slower)."""
     if requested in ("fp32", "bf16"):
         return requested, "as asked"
     if device.type == "cuda":
@@ -795,7 +799,7 @@ def choose_precision(requested: str, device: torch.device, speedup=bf16_speedup)
     if device.type != "cpu":
         return "fp32", f"bf16 is not measured on {device.type}"
     ratio = speedup(device)
-    if ratio >= 1.5:
+    if ratio >= BF16_MIN_SPEEDUP:
         return "bf16", f"a bf16 matmul runs {ratio:.1f}x faster than fp32 here"
     return "fp32", f"a bf16 matmul runs only {ratio:.2f}x as fast as fp32 here"
 
@@ -1161,13 +1165,13 @@ def _tf_entries(index_path: Path):
                entry.get(ENTRY_OFFSET, [0])[0], entry.get(ENTRY_SIZE, [0])[0], entry.get(ENTRY_CRC32C, [None])[0])
 
 
-def read_tf_checkpoint(path, verify=False) -> dict[str, np.ndarray]:
+def read_tf_checkpoint(path) -> dict[str, np.ndarray]:
     """Read every tensor of a TensorFlow V2 checkpoint as numpy arrays, names and shapes as stored.
 
     path: a folder holding the checkpoint, its prefix ("…/model.ckpt") or its .index file. The arrays
     are memory-mapped views of the data file. Sizes, offsets, dtypes and every block checksum of the
-    index are always checked; verify=True also checks each tensor's bytes against the CRC-32C the
-    index stores (about 1 s per 100 MB on 2 CPU cores; downloads always do it).
+    index are checked; each tensor's bytes against the CRC-32C the index stores only when the file
+    is downloaded (verify_tf_data), since reading them all would cost every load about 1.5 s.
     """
     prefix = _checkpoint_prefix(Path(path))
     index_path = prefix.with_name(prefix.name + ".index")
@@ -1191,8 +1195,6 @@ def read_tf_checkpoint(path, verify=False) -> dict[str, np.ndarray]:
         if offset + size > raw.size:
             raise CheckpointError(f"{data_path}: tensor {name!r} needs bytes {offset:,}..{offset + size:,} but the "
                                   f"file has {raw.size:,} (truncated? download it again)")
-        if verify and crc is not None and masked_crc32c(raw[offset:offset + size]) != crc:
-            raise CheckpointError(f"{data_path}: tensor {name!r} fails its CRC-32C check (corrupt; download it again)")
         array = raw[offset:offset + size].view(np_dtype).reshape(dims)
         tensors[name] = _bfloat16_to_float32(array) if dtype_id == TF_DTYPE_BFLOAT16 else array
     return tensors

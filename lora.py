@@ -48,20 +48,20 @@ def check_lora_hparams(rank, alpha, dropout=0.0):
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
         raise ValueError(f"LoRA rank must be an integer >= 1 (at most {MAX_RANK:,}), got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_ALPHA:
-        raise ValueError(f"LoRA alpha must be a number > 0 (at most 1e9, as an adapter file allows), got {alpha!r}")
+        raise ValueError(f"LoRA alpha must be a number > 0 (at most {MAX_ALPHA:g}, as an adapter file allows), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
 class LoRALayer(nn.Module):
-    """The low-rank update alone: x (..., in_dim) -> (alpha / rank) · x A B, shape (..., out_dim).
+    """The low-rank update alone: add_(h, x) adds (alpha / rank) · x A B, shape (..., out_dim), into
+    a layer's output h, for x of shape (..., in_dim); A is (in_dim, rank), B (rank, out_dim) (see
+    the module docstring).
 
-    With x as a row vector (as nn.Linear sees it) the paper's h = W0 x + (alpha/r) · B A x reads
-    h = x W0^T + (alpha/r) · x A B here, so A is stored as (in_dim, rank) and B as (rank, out_dim).
-    A starts random, uniform in ±1/sqrt(rank) (kaiming_uniform_ with a = sqrt(5), as in the course;
-    PyTorch takes the fan-in of the (in_dim, rank) matrix to be rank), and B starts at zero,
-    so B A = 0 and the adapted model is exactly the pretrained one at step 0; training then moves
-    B away from zero. Dividing by rank (the alpha/r factor) keeps the update's size roughly the same
+    A starts random, uniform in ±1/sqrt(rank) (kaiming_uniform_ with a = sqrt(5), as in the
+    course; PyTorch takes the fan-in of the (in_dim, rank) matrix to be rank), and B starts at
+    zero, so B A = 0 and the adapted model is exactly the pretrained one at step 0; training then
+    moves B away from zero. Dividing by rank (the alpha/r factor) keeps the update's size roughly the same
     when rank changes, so one learning rate serves many ranks.
     """
 
@@ -102,7 +102,6 @@ class LinearWithLoRA(nn.Module):
                               device=linear_layer.weight.device)
 
     def forward(self, x):
-        # linear(x) + lora(x), the update summed into the linear layer's fresh output in place
         return self.lora.add_(self.linear(x), x)
 
 

@@ -286,9 +286,6 @@ def build(args, device):
     messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))  # a --data typo first
     for note in notes:
         print(note, file=sys.stderr)
-    folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
-    model, tokenizer = gpt2.load_model_and_tokenizer(
-        folder, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     splits = data.split_dataset(messages, seed=args.seed)
     if not args.eval_unused:
         splits.pop("unused")  # 4,080 messages: not worth tokenizing unless asked for
@@ -297,6 +294,9 @@ def build(args, device):
     elif any(label for _, label in splits["unused"]):
         raise ValueError("--eval-unused measures false positives on the ham left out by balancing, but this "
                          "file has more spam than ham, so the messages left out are spam; drop --eval-unused")
+    folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
+    model, tokenizer = gpt2.load_model_and_tokenizer(
+        folder, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     loaders = data.make_loaders(splits, tokenizer, batch_size=args.batch_size, seed=args.seed,
                                 max_length=args.max_length, bucket=args.bucket,
                                 context_length=model.cfg.context_length)
