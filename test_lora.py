@@ -435,6 +435,15 @@ def test_hparams_that_disagree_with_the_tensors_are_refused(tmp_path):
         gpt2.load_gpt2(folder)
 
 
+def test_a_conv1d_weight_of_three_real_dimensions_is_a_checkpoint_error(tmp_path):
+    cfg = tiny_cfg()
+    tensors = random_tensors(cfg)
+    tensors["h0/mlp/c_fc/w"] = np.zeros((2, 16, 32), np.float32)  # (1, in, out) expected; same element count
+    write_model_folder(tmp_path, cfg, tensors)
+    with pytest.raises(gpt2.CheckpointError, match="h0/mlp/c_fc/w of shape \\(2, 16, 32\\) does not fit"):
+        gpt2.load_gpt2(tmp_path)
+
+
 def test_folder_without_weights_names_the_files(tmp_path):
     (tmp_path / "hparams.json").write_text(json.dumps({"n_vocab": 5, "n_ctx": 4, "n_embd": 4, "n_head": 1, "n_layer": 1}))
     with pytest.raises(gpt2.CheckpointError, match="model.ckpt.index.*model.safetensors"):
