@@ -23,6 +23,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -960,9 +961,13 @@ def _apply(columns, v: int) -> int:
     return out
 
 
-_ZERO_POWERS = [[_zero_byte(1 << bit) for bit in range(32)]]  # [k]: Z(., 2**k) as a matrix
-for _ in range(47):  # lengths below 2**48 bytes
-    _ZERO_POWERS.append([_apply(_ZERO_POWERS[-1], c) for c in _ZERO_POWERS[-1]])
+@functools.cache  # the tables below are built on first use, not on every import of this file
+def _zero_powers() -> list:
+    """[k]: Z(., 2**k) as a matrix, for lengths below 2**48 bytes."""
+    powers = [[_zero_byte(1 << bit) for bit in range(32)]]
+    for _ in range(47):
+        powers.append([_apply(powers[-1], c) for c in powers[-1]])
+    return powers
 
 
 def _shift(v: int, n: int) -> int:
@@ -970,7 +975,7 @@ def _shift(v: int, n: int) -> int:
     k = 0
     while n:
         if n & 1:
-            v = _apply(_ZERO_POWERS[k], v)
+            v = _apply(_zero_powers()[k], v)
         n, k = n >> 1, k + 1
     return v
 
@@ -986,8 +991,17 @@ def _byte_tables(columns) -> np.ndarray:
     return np.concatenate(tables)
 
 
-_BLOCK_TABLE = _byte_tables([(CRC_BLOCK - p, 0) for p in range(CRC_BLOCK)])
-_JOIN_TABLES = {}  # bytes between neighbouring states -> their (CRC_GROUP * 4 * 256,) table
+@functools.cache
+def _block_table() -> np.ndarray:
+    """Step 1's 64 tables: byte p of a block has CRC_BLOCK - p bytes to the block's end."""
+    return _byte_tables([(CRC_BLOCK - p, 0) for p in range(CRC_BLOCK)])
+
+
+@functools.cache
+def _join_table(spacing: int) -> np.ndarray:
+    """Step 2's tables for states `spacing` bytes apart: byte i of state q moves past the
+    CRC_GROUP - 1 - q blocks after it."""
+    return _byte_tables([(spacing * (CRC_GROUP - 1 - q), i) for q in range(CRC_GROUP) for i in range(4)])
 
 
 def _fold(rows: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -1006,14 +1020,11 @@ def crc32c(data) -> int:
     head = len(m) % CRC_BLOCK
     first = np.zeros((1 if head else 0, CRC_BLOCK), np.uint8)  # zeros in front: R unchanged
     first[:, CRC_BLOCK - head:] = m[:head]
-    states = np.concatenate([_fold(first, _BLOCK_TABLE), _fold(m[head:].reshape(-1, CRC_BLOCK), _BLOCK_TABLE)])
+    states = np.concatenate([_fold(first, _block_table()), _fold(m[head:].reshape(-1, CRC_BLOCK), _block_table())])
     spacing = CRC_BLOCK  # bytes between neighbouring states
     while len(states) > 1:
         states = np.concatenate([np.zeros(-len(states) % CRC_GROUP, np.uint32), states])
-        if spacing not in _JOIN_TABLES:  # byte i of state q moves past the CRC_GROUP - 1 - q blocks after it
-            _JOIN_TABLES[spacing] = _byte_tables([(spacing * (CRC_GROUP - 1 - q), i)
-                                                  for q in range(CRC_GROUP) for i in range(4)])
-        states = _fold(states.astype("<u4").view(np.uint8).reshape(-1, CRC_BLOCK), _JOIN_TABLES[spacing])
+        states = _fold(states.astype("<u4").view(np.uint8).reshape(-1, CRC_BLOCK), _join_table(spacing))
         spacing *= CRC_GROUP
     return (int(states[0]) if len(states) else 0) ^ _shift(0xFFFFFFFF, len(m)) ^ 0xFFFFFFFF
 

@@ -140,10 +140,10 @@ def run(argv):
     if long:
         print(f"note: {long} message(s) longer than {max_length} tokens were truncated to the first "
               f"{max_length}, as in training", file=sys.stderr)
-    for text, p_spam in zip(texts, classify(model, tokenizer.eot_token, encoded, max_length, device, precision,
-                                            args.batch_size)):
-        if not math.isfinite(p_spam):
-            raise ValueError("the model gave no finite probability; the adapter or base model is damaged")
+    spam_probs = classify(model, tokenizer.eot_token, encoded, max_length, device, precision, args.batch_size)
+    if not all(math.isfinite(p) for p in spam_probs):  # checked before any line is printed
+        raise ValueError("the model gave no finite probability; the adapter or base model is damaged")
+    for text, p_spam in zip(texts, spam_probs):
         label = labels[1] if p_spam >= threshold else labels[0]
         if args.json:
             print(json.dumps({"text": text, "label": label, "spam_probability": round(p_spam, 6),

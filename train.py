@@ -261,9 +261,9 @@ def check_args(p, args):
         args.alpha = int(args.alpha)  # 16, not 16.0, in the printout and the adapter file
 
 
-def check_out(out: Path):
-    """--out must be a regular file we can create beside, on a disk with room: found now, not after
-    the whole training."""
+def check_out(out: Path, need=64 * 2**20):
+    """--out must be a regular file we can create beside, on a disk with `need` bytes free: found
+    now, not after the whole training (build checks again once the adapter's size is known)."""
     folder = out.parent
     if out.is_dir() or (out.exists() and not out.is_file()):
         raise ValueError(f"--out {out} is a folder or a device; give a file name such as {DEFAULT_OUT}")
@@ -275,8 +275,9 @@ def check_out(out: Path):
         probe.unlink()
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror}); choose another --out") from None
-    if shutil.disk_usage(folder).free < 64 * 2**20:
-        raise ValueError(f"--out {out}: less than 64 MB free in {folder}; free some space or choose another --out")
+    if shutil.disk_usage(folder).free < need:
+        raise ValueError(f"--out {out}: less than {need / 1e6:,.0f} MB free in {folder} (the adapter and its "
+                         "metrics need that); free some space or choose another --out")
 
 
 def build(args, device):
@@ -308,6 +309,7 @@ def build(args, device):
     print(model.trf_blocks[0])
     lora.build_classifier(model, len(data.LABELS), args.rank, args.alpha, args.lora_dropout, targets=args.targets)
     model.gradient_checkpointing = args.gradient_checkpointing
+    check_out(Path(args.out), need=4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24)
     print("\nModel after LoRA:")
     print(model.trf_blocks[0])
     lora.print_trainable_parameters(model, skip=("out_head",))  # the counts before the new head
