@@ -1,4 +1,4 @@
-"""The SMS Spam Collection: download, parse, balance, split, and batch with dynamic padding.
+"""The SMS Spam Collection: balance, split, batch with dynamic padding; read and download the file.
 
 Data: Almeida, Gómez Hidalgo and Yamakami, "Contributions to the Study of SMS Spam Filtering:
 New Collection and Results", ACM DocEng 2011 (UCI Machine Learning Repository, dataset 228).
@@ -17,13 +17,10 @@ Usage:
 
 from __future__ import annotations
 
-import sys
+import cli
 
-if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
-    import os
-    import signal
-    # os._exit, not sys.exit: the imports of numpy and torch swallow a SystemExit raised inside them
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("data.py: interrupted\n"), sys.stderr.flush(), os._exit(130)))
+if __name__ == "__main__":
+    cli.exit_on_signals_while_importing("data.py")  # torch takes about 2 s to import
 
 import codecs
 import csv
@@ -33,6 +30,7 @@ import io
 import random
 import re
 import statistics
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -54,65 +52,262 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Download
+# 1. Balance and split
+
+SPLIT_FRACTIONS = (0.7, 0.1)  # train, val; test gets the rest
 
 
-def download_sms(cache_dir=None) -> Path:
-    """Fetch the official zip once into the cache and extract SMSSpamCollection; return its path."""
-    folder = Path(cache_dir or gpt2.default_cache_dir()) / "sms"
-    target = folder / SMS_MEMBER
-    if target.exists():
-        return target
-    archive = folder / "sms+spam+collection.zip"
+def split_dataset(messages, seed=42) -> dict[str, list[tuple[str, int]]]:
+    """Balance the classes by undersampling, shuffle, split 70/10/20; the rest becomes "unused".
 
-    def check(part):  # the zip itself has no published hash; the file inside it has
-        member = _read_zip_member(part)
-        if hashlib.sha256(member).hexdigest() != SMS_SHA256:
-            raise ValueError(f"its {SMS_MEMBER} is not the published file (sha256 differs)")
-    if not archive.exists():
-        try:
-            gpt2.download_file(SMS_URL, archive, check=check)
-        except gpt2.DownloadError as e:
-            raise gpt2.DownloadError(f"{e}. Without internet, pass --data PATH to a local copy of "
-                                     f"{SMS_MEMBER} (or its zip)") from None
-    gpt2.atomic_write(target, _read_zip_member(archive))  # under our own name, never the archive's
-    return target
-
-
-def _read_zip_member(path: Path) -> bytes:
-    """The SMSSpamCollection member of a zip (also one inside a folder of the zip)."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.read(_sms_member_name(path, zf.namelist()))
-    except (zipfile.BadZipFile, zlib.error, EOFError):
-        raise DataError(f"{path} is not a valid zip file (a damaged or partial download?); download it "
-                        f"again, or pass the unzipped {SMS_MEMBER}") from None
-    except (RuntimeError, NotImplementedError) as e:  # encrypted, or a compression zipfile lacks
-        raise DataError(f"{path}: cannot unzip {SMS_MEMBER} ({e}); unzip it with another tool and pass "
-                        "the file itself") from None
-
-
-def _sms_member_name(path: Path, names: list[str]) -> str:
-    if SMS_MEMBER in names:
-        return SMS_MEMBER
-    nested = [name for name in names if name.rsplit("/", 1)[-1] == SMS_MEMBER]
-    if len(nested) == 1:  # someone zipped the unzipped folder again
-        return nested[0]
-    if any(name.startswith("xl/") for name in names):  # an .xlsx file is a zip of XML parts
-        raise DataError(f"{path} is an Excel workbook, not a text file; save it from Excel as "
-                        "CSV UTF-8 and pass the .csv")
-    raise DataError(f"{path} is a zip archive that has no member {SMS_MEMBER} (it holds "
-                    f"{', '.join(names[:5]) or 'nothing'}); extract your data file and pass it with --data")
+    Deterministic for a seed. With the real file: 747 spam + 747 ham -> 1,045 / 149 / 300, and
+    4,080 unused ham.
+    """
+    by_class = {0: [m for m in messages if m[1] == 0], 1: [m for m in messages if m[1] == 1]}
+    # undersample the larger class to the smaller one's size, so that always answering "ham" scores
+    # 50 %, not 87 %, and accuracy means something
+    n = min(len(v) for v in by_class.values())
+    if n * 2 < 10:
+        raise DataError(f"only {n} message(s) in the smaller class; need at least 5 of each to split 70/10/20")
+    rng = random.Random(seed)
+    chosen, unused = [], []
+    for label in (0, 1):
+        picked = set(rng.sample(range(len(by_class[label])), n))
+        chosen += [m for i, m in enumerate(by_class[label]) if i in picked]
+        unused += [m for i, m in enumerate(by_class[label]) if i not in picked]
+    rng.shuffle(chosen)
+    # int() rounds down: 1,494 messages -> 1,045 train, 149 val, and the remaining 300 for test
+    n_train = int(len(chosen) * SPLIT_FRACTIONS[0])
+    n_val = int(len(chosen) * SPLIT_FRACTIONS[1])
+    return {"train": chosen[:n_train], "val": chosen[n_train:n_train + n_val],
+            "test": chosen[n_train + n_val:], "unused": unused}
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsing
+# 2. Tokenized datasets, padded batches, length buckets and loaders
+
+class SpamDataset(Dataset):
+    """Messages tokenized once; items are (token ids, label).
+
+    max_length: truncate longer messages to their first max_length tokens; default the longest
+    message here, capped at the model's context_length.
+    """
+
+    def __init__(self, messages, tokenizer, max_length=None, context_length=None):
+        self.labels = [label for _, label in messages]
+        # encode_ordinary: a message that contains "<|endoftext|>" is just text, not a special token
+        encoded = [tokenizer.encode_ordinary(text) for text, _ in messages]  # once, not every epoch
+        if any(not ids for ids in encoded):
+            raise DataError("a message has no tokens; every message needs some text")
+        longest = max((len(ids) for ids in encoded), default=1)
+        self.max_length = min(longest, context_length or longest) if max_length is None else max_length
+        if self.max_length < 1:
+            raise DataError(f"max_length must be at least 1, got {self.max_length}")
+        self.truncated = sum(len(ids) > self.max_length for ids in encoded)
+        self.encoded = [ids[:self.max_length] for ids in encoded]
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def __getitem__(self, i):
+        return self.encoded[i], self.labels[i]
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.encoded]
+
+
+def collate(batch, pad_id, pad_to=None):
+    """Right-pad a list of (ids, label) to the longest in the batch (or to pad_to, if longer).
+
+    pad_id: the tokenizer's <|endoftext|> (tokenizer.eot_token), GPT-2's usual pad token; what it
+    holds never matters, since the logits are read before it. Returns input_ids (B, T) int64,
+    last_index (B,) (where each message's last real token is) and labels (B,).
+    """
+    T = max(max(len(ids) for ids, _ in batch), pad_to or 0)
+    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T), all padding to start
+    for row, (ids, _) in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    last_index = torch.tensor([len(ids) - 1 for ids, _ in batch], dtype=torch.long)
+    labels = torch.tensor([label for _, label in batch], dtype=torch.long)
+    return input_ids, last_index, labels
+
+
+class BucketBatchSampler(Sampler):
+    """Batches of messages of similar length, in a new seeded random order every epoch.
+
+    Each epoch: shuffle all indices, cut them into pools of `pool` batches, sort each pool by
+    length, cut it into batches, and shuffle the batches. Padding shrinks to almost nothing while
+    which messages meet in a batch still changes from epoch to epoch.
+    """
+
+    def __init__(self, lengths, batch_size, generator, pool=50, shuffle=True):
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+        self.pool, self.shuffle = pool, shuffle
+
+    def __iter__(self):
+        if not self.shuffle:  # evaluation: simply by length
+            order = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
+            yield from (order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            return
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        size = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = sorted(order[start:start + size], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+    def __len__(self):
+        return -(-len(self.lengths) // self.batch_size)
+
+
+def make_loaders(splits, tokenizer, batch_size=8, seed=42, max_length=None, bucket=True,
+                 pad_to=None, context_length=1024) -> dict[str, DataLoader]:
+    """DataLoaders for every non-empty split; train is shuffled with a generator seeded by seed.
+
+    max_length defaults to the longest training message (capped at context_length); the other
+    splits are truncated to the same length. bucket batches similar lengths together; pad_to pads
+    every batch to at least that many tokens (the reference course's fixed padding, for comparison).
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if max_length is None:
+        max_length = SpamDataset(splits["train"], tokenizer, context_length=context_length).max_length
+    if max_length > context_length:
+        raise DataError(f"max_length {max_length} exceeds the model's context of {context_length} tokens")
+    pad = functools.partial(collate, pad_id=tokenizer.eot_token, pad_to=pad_to)
+    loaders = {}
+    for name, messages in splits.items():
+        if not messages:
+            continue
+        dataset = SpamDataset(messages, tokenizer, max_length=max_length)
+        generator = torch.Generator().manual_seed(seed)
+        train = name == "train"
+        if bucket:
+            sampler = BucketBatchSampler(dataset.lengths(), batch_size, generator, shuffle=train)
+            loaders[name] = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad)
+        else:
+            loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator,
+                                       collate_fn=pad)
+    return loaders
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Reading a data file: bytes -> text -> rows -> (text, label) messages
 #
 # read_messages accepts what a learner is likely to pass as --data: the file itself, the official
 # zip (under any name), a folder that holds the file, or their own .tsv/.csv. It works in steps,
 # bytes -> text -> rows -> messages. Each step either undoes one known way a copy differs from the
 # original (a BOM, UTF-16, Windows-1252, CR line ends, commas, extra columns) or refuses the file
 # with one line that says what is wrong and how to fix it. What it had to guess becomes a note.
+
+
+def read_messages(path) -> tuple[list[tuple[str, int]], list[str]]:
+    """(messages, notes) of a data file: (text, label) pairs, ham = 0, spam = 1, and one line per
+    thing the caller should tell the user (each starts with "note: "; print them on stderr).
+
+    Accepts the SMSSpamCollection file itself (`label<TAB>text`), the official zip (by content,
+    whatever its name), a folder that holds SMSSpamCollection, or a user's .tsv/.csv: label
+    column ham/spam or 0/1, first or last, an optional header line, an optional leading index
+    column, in UTF-8 (with or without BOM), UTF-16/32 with BOM, or Latin-1/Windows-1252, with
+    LF, CRLF or CR line ends. Tab-separated lines are only split at tabs, never with quote
+    handling: in the real file, a quoting parser merges three lines into one. Anything else
+    raises DataError with one line: the file, what is wrong, and the fix.
+    """
+    notes = []
+    path = _data_file(Path(path), notes)
+    raw, suffix = _read_bytes(path, notes)
+    text = _LINE_BREAK.sub("\n", _decode(raw, path, notes))
+    if not text.strip():
+        raise DataError(f"data file {path} is empty (or only whitespace); pass the {SMS_MEMBER} file, "
+                        "one `label<TAB>text` message per line")
+    sep = _separator(text.split("\n"), path, suffix, notes)
+    rows = _rows(text, sep, path, notes)
+    layout = _layout(rows)
+    if len(rows[0][1]) >= 2 and not _fits(rows[0][1], layout):
+        rows = rows[1:]  # a header line such as "label<TAB>text" or Kaggle's "v1,v2,,,"
+    messages = [_message(fields, layout, sep, f"{path}, line {number}") for number, fields in rows]
+    _check_classes(messages, path)
+    return messages, notes
+
+
+def load_messages(path) -> list[tuple[str, int]]:
+    """(text, label) pairs of a data file, ham = 0, spam = 1 (see read_messages)."""
+    return read_messages(path)[0]
+
+
+def _check_classes(messages: list[tuple[str, int]], path: Path) -> None:
+    if not messages:
+        raise DataError(f"data file {path} holds no messages, only a header line; add `label<TAB>text` lines")
+    classes = {label for _, label in messages}
+    if len(classes) < 2:
+        raise DataError(f"{path} has only {LABELS[classes.pop()]} messages; a classifier needs both ham and "
+                        "spam: pass the whole data file")
+
+
+# Layouts of a row, tried in this order: (has an index column, the label's place among the rest:
+# 0 first, -1 last). The first is the original file's; an index column comes from pandas' to_csv.
+_LAYOUTS = ((False, 0), (True, 0), (True, -1), (False, -1))
+
+
+def _label_of(value: str):
+    return LABEL_IDS.get(value.strip().lower())
+
+
+def _rows(text: str, sep: str, path: Path, notes: list[str]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank row; empty trailing fields beyond two are dropped."""
+    if sep == "\t":  # split only: in a tab file a quote mark is part of the text
+        rows = [(number, line.split("\t")) for number, line in enumerate(text.split("\n"), start=1)]
+    else:
+        rows = _csv_rows(text, path, notes)
+    for _, fields in rows:
+        while len(fields) > 2 and not fields[-1]:  # Kaggle's ",,,"; a spreadsheet's empty columns
+            fields.pop()
+    return [(number, fields) for number, fields in rows if any(f.strip() for f in fields)]
+
+
+def _layout(rows: list[tuple[int, list[str]]]):
+    """The layout that most rows fit; ties go to the order of _LAYOUTS, except that a header with
+    an empty or "Unnamed: 0" first column (pandas' index) puts the layouts with an index first."""
+    first = rows[0][1][0].strip()
+    order = _LAYOUTS
+    if first == "" or first.startswith("Unnamed: "):
+        order = sorted(_LAYOUTS, key=lambda layout: not layout[0])  # stable: keeps the order within
+    return max(order, key=lambda layout: sum(_fits(fields, layout) for _, fields in rows))
+
+
+def _fits(fields: list[str], layout) -> bool:
+    has_index, at = layout
+    if has_index:
+        if not fields[0].strip().isdigit():
+            return False
+        fields = fields[1:]
+    return len(fields) >= 2 and _label_of(fields[at]) is not None
+
+
+def _message(fields: list[str], layout, sep: str, where: str) -> tuple[str, int]:
+    """(text, label) of one row; where is "file, line n" for the error messages."""
+    has_index, at = layout
+    body = fields[1:] if has_index else fields
+    name, shown = ("tab", "<TAB>") if sep == "\t" else ("comma", ",")
+    if len(body) < 2:
+        raise DataError(f"{where}: no {name} between the label and the text; write each message as "
+                        f"label{shown}text")
+    label = _label_of(body[at])
+    if label is None:
+        found = sorted({repr(f.strip()[:20]) for f in (body[0], body[-1])})
+        raise DataError(f"{where}: unknown label; found {', '.join(found)}, expected ham/spam or 0/1 "
+                        "in the first or last column")
+    # a comma file's text may have been cut at its commas into more columns: join them back
+    text = sep.join(body[1:] if at == 0 else body[:-1])
+    if not text.strip():
+        raise DataError(f"{where}: the message text is empty; remove the line or give it a text")
+    return text, label
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The other layouts a learner may pass: folders, zips, binary files, encodings, CSV
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty zip
 # Byte-order marks, longest first: the UTF-32-LE mark begins with the UTF-16-LE one.
@@ -132,32 +327,6 @@ _BINARY_MAGIC = (
 # more, which can sit inside an SMS text, and would cut such a message in two.
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
-# Layouts of a row, tried in this order: (has an index column, the label's place among the rest:
-# 0 first, -1 last). The first is the original file's; an index column comes from pandas' to_csv.
-_LAYOUTS = ((False, 0), (True, 0), (True, -1), (False, -1))
-
-
-def _label_of(value: str):
-    return LABEL_IDS.get(value.strip().lower())
-
-
-def _windows_1252_table() -> dict[int, str]:
-    """Latin-1 -> Windows-1252: 0x80-0x9F become Windows' quotes, dashes, € and so on.
-
-    The five bytes Windows-1252 leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) stay as Latin-1
-    reads them, as web browsers do: so every byte decodes, and one odd byte cannot send a whole
-    file back to plain Latin-1, where the quotes would be invisible control characters.
-    """
-    table = {}
-    for byte in range(0x80, 0xA0):
-        try:
-            table[byte] = bytes([byte]).decode("cp1252")
-        except UnicodeDecodeError:
-            pass
-    return table
-
-
-_WINDOWS_1252 = _windows_1252_table()
 
 
 def _data_file(path: Path, notes: list[str]) -> Path:
@@ -260,6 +429,25 @@ def _mostly_not_utf8(raw: bytes) -> bool:
     return invalid > valid
 
 
+def _windows_1252_table() -> dict[int, str]:
+    """Latin-1 -> Windows-1252: 0x80-0x9F become Windows' quotes, dashes, € and so on.
+
+    The five bytes Windows-1252 leaves undefined (0x81, 0x8D, 0x8F, 0x90, 0x9D) stay as Latin-1
+    reads them, as web browsers do: so every byte decodes, and one odd byte cannot send a whole
+    file back to plain Latin-1, where the quotes would be invisible control characters.
+    """
+    table = {}
+    for byte in range(0x80, 0xA0):
+        try:
+            table[byte] = bytes([byte]).decode("cp1252")
+        except UnicodeDecodeError:
+            pass
+    return table
+
+
+_WINDOWS_1252 = _windows_1252_table()
+
+
 def _separator(lines: list[str], path: Path, suffix: str, notes: list[str]) -> str:
     """Tab or comma: whichever is on more of the first 100 lines; a tie goes by the file's suffix.
 
@@ -276,18 +464,6 @@ def _separator(lines: list[str], path: Path, suffix: str, notes: list[str]) -> s
     if found != by_name:
         notes.append(f"note: {path} is {name}-separated despite its name; read it as such")
     return found
-
-
-def _rows(text: str, sep: str, path: Path, notes: list[str]) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank row; empty trailing fields beyond two are dropped."""
-    if sep == "\t":  # split only: in a tab file a quote mark is part of the text
-        rows = [(number, line.split("\t")) for number, line in enumerate(text.split("\n"), start=1)]
-    else:
-        rows = _csv_rows(text, path, notes)
-    for _, fields in rows:
-        while len(fields) > 2 and not fields[-1]:  # Kaggle's ",,,"; a spreadsheet's empty columns
-            fields.pop()
-    return [(number, fields) for number, fields in rows if any(f.strip() for f in fields)]
 
 
 def _csv_rows(text: str, path: Path, notes: list[str]) -> list[tuple[int, list[str]]]:
@@ -307,233 +483,55 @@ def _csv_rows(text: str, path: Path, notes: list[str]) -> list[tuple[int, list[s
     return rows
 
 
-def _fits(fields: list[str], layout) -> bool:
-    has_index, at = layout
-    if has_index:
-        if not fields[0].strip().isdigit():
-            return False
-        fields = fields[1:]
-    return len(fields) >= 2 and _label_of(fields[at]) is not None
+def _read_zip_member(path: Path) -> bytes:
+    """The SMSSpamCollection member of a zip (also one inside a folder of the zip)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.read(_sms_member_name(path, zf.namelist()))
+    except (zipfile.BadZipFile, zlib.error, EOFError):
+        raise DataError(f"{path} is not a valid zip file (a damaged or partial download?); download it "
+                        f"again, or pass the unzipped {SMS_MEMBER}") from None
+    except (RuntimeError, NotImplementedError) as e:  # encrypted, or a compression zipfile lacks
+        raise DataError(f"{path}: cannot unzip {SMS_MEMBER} ({e}); unzip it with another tool and pass "
+                        "the file itself") from None
 
 
-def _layout(rows: list[tuple[int, list[str]]]):
-    """The layout that most rows fit; ties go to the order of _LAYOUTS, except that a header with
-    an empty or "Unnamed: 0" first column (pandas' index) puts the layouts with an index first."""
-    first = rows[0][1][0].strip()
-    order = _LAYOUTS
-    if first == "" or first.startswith("Unnamed: "):
-        order = sorted(_LAYOUTS, key=lambda layout: not layout[0])  # stable: keeps the order within
-    return max(order, key=lambda layout: sum(_fits(fields, layout) for _, fields in rows))
-
-
-def _message(fields: list[str], layout, sep: str, where: str) -> tuple[str, int]:
-    """(text, label) of one row; where is "file, line n" for the error messages."""
-    has_index, at = layout
-    body = fields[1:] if has_index else fields
-    name, shown = ("tab", "<TAB>") if sep == "\t" else ("comma", ",")
-    if len(body) < 2:
-        raise DataError(f"{where}: no {name} between the label and the text; write each message as "
-                        f"label{shown}text")
-    label = _label_of(body[at])
-    if label is None:
-        found = sorted({repr(f.strip()[:20]) for f in (body[0], body[-1])})
-        raise DataError(f"{where}: unknown label; found {', '.join(found)}, expected ham/spam or 0/1 "
-                        "in the first or last column")
-    # a comma file's text may have been cut at its commas into more columns: join them back
-    text = sep.join(body[1:] if at == 0 else body[:-1])
-    if not text.strip():
-        raise DataError(f"{where}: the message text is empty; remove the line or give it a text")
-    return text, label
-
-
-def read_messages(path) -> tuple[list[tuple[str, int]], list[str]]:
-    """(messages, notes) of a data file: (text, label) pairs, ham = 0, spam = 1, and one line per
-    thing the caller should tell the user (each starts with "note: "; print them on stderr).
-
-    Accepts the SMSSpamCollection file itself (`label<TAB>text`), the official zip (by content,
-    whatever its name), a folder that holds SMSSpamCollection, or a user's .tsv/.csv: label
-    column ham/spam or 0/1, first or last, an optional header line, an optional leading index
-    column, in UTF-8 (with or without BOM), UTF-16/32 with BOM, or Latin-1/Windows-1252, with
-    LF, CRLF or CR line ends. Tab-separated lines are only split at tabs, never with quote
-    handling: in the real file, a quoting parser merges three lines into one. Anything else
-    raises DataError with one line: the file, what is wrong, and the fix.
-    """
-    notes = []
-    path = _data_file(Path(path), notes)
-    raw, suffix = _read_bytes(path, notes)
-    text = _LINE_BREAK.sub("\n", _decode(raw, path, notes))
-    if not text.strip():
-        raise DataError(f"data file {path} is empty (or only whitespace); pass the {SMS_MEMBER} file, "
-                        "one `label<TAB>text` message per line")
-    sep = _separator(text.split("\n"), path, suffix, notes)
-    rows = _rows(text, sep, path, notes)
-    layout = _layout(rows)
-    if len(rows[0][1]) >= 2 and not _fits(rows[0][1], layout):
-        rows = rows[1:]  # a header line such as "label<TAB>text" or Kaggle's "v1,v2,,,"
-    messages = [_message(fields, layout, sep, f"{path}, line {number}") for number, fields in rows]
-    _check_classes(messages, path)
-    return messages, notes
-
-
-def _check_classes(messages: list[tuple[str, int]], path: Path) -> None:
-    if not messages:
-        raise DataError(f"data file {path} holds no messages, only a header line; add `label<TAB>text` lines")
-    classes = {label for _, label in messages}
-    if len(classes) < 2:
-        raise DataError(f"{path} has only {LABELS[classes.pop()]} messages; a classifier needs both ham and "
-                        "spam: pass the whole data file")
-
-
-def load_messages(path) -> list[tuple[str, int]]:
-    """(text, label) pairs of a data file, ham = 0, spam = 1 (see read_messages)."""
-    return read_messages(path)[0]
+def _sms_member_name(path: Path, names: list[str]) -> str:
+    if SMS_MEMBER in names:
+        return SMS_MEMBER
+    nested = [name for name in names if name.rsplit("/", 1)[-1] == SMS_MEMBER]
+    if len(nested) == 1:  # someone zipped the unzipped folder again
+        return nested[0]
+    if any(name.startswith("xl/") for name in names):  # an .xlsx file is a zip of XML parts
+        raise DataError(f"{path} is an Excel workbook, not a text file; save it from Excel as "
+                        "CSV UTF-8 and pass the .csv")
+    raise DataError(f"{path} is a zip archive that has no member {SMS_MEMBER} (it holds "
+                    f"{', '.join(names[:5]) or 'nothing'}); extract your data file and pass it with --data")
 
 
 # ----------------------------------------------------------------------------------------------
-# Balance and split
+# 5. Download
 
-SPLIT_FRACTIONS = (0.7, 0.1)  # train, val; test gets the rest
+def download_sms(cache_dir=None) -> Path:
+    """Fetch the official zip once into the cache and extract SMSSpamCollection; return its path."""
+    folder = Path(cache_dir or cli.default_cache_dir()) / "sms"
+    target = folder / SMS_MEMBER
+    if target.exists():
+        return target
+    archive = folder / "sms+spam+collection.zip"
 
-
-def split_dataset(messages, seed=42) -> dict[str, list[tuple[str, int]]]:
-    """Balance the classes by undersampling, shuffle, split 70/10/20; the rest becomes "unused".
-
-    Deterministic for a seed. With the real file: 747 spam + 747 ham -> 1,045 / 149 / 300, and
-    4,080 unused ham.
-    """
-    by_class = {0: [m for m in messages if m[1] == 0], 1: [m for m in messages if m[1] == 1]}
-    # undersample the larger class to the smaller one's size, so that always answering "ham" scores
-    # 50 %, not 87 %, and accuracy means something
-    n = min(len(v) for v in by_class.values())
-    if n * 2 < 10:
-        raise DataError(f"only {n} message(s) in the smaller class; need at least 5 of each to split 70/10/20")
-    rng = random.Random(seed)
-    chosen, unused = [], []
-    for label in (0, 1):
-        picked = set(rng.sample(range(len(by_class[label])), n))
-        chosen += [m for i, m in enumerate(by_class[label]) if i in picked]
-        unused += [m for i, m in enumerate(by_class[label]) if i not in picked]
-    rng.shuffle(chosen)
-    # int() rounds down: 1,494 messages -> 1,045 train, 149 val, and the remaining 300 for test
-    n_train = int(len(chosen) * SPLIT_FRACTIONS[0])
-    n_val = int(len(chosen) * SPLIT_FRACTIONS[1])
-    return {"train": chosen[:n_train], "val": chosen[n_train:n_train + n_val],
-            "test": chosen[n_train + n_val:], "unused": unused}
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenized datasets and batches
-
-
-class SpamDataset(Dataset):
-    """Messages tokenized once; items are (token ids, label).
-
-    max_length: truncate longer messages to their first max_length tokens; default the longest
-    message here, capped at the model's context_length.
-    """
-
-    def __init__(self, messages, tokenizer, max_length=None, context_length=None):
-        self.labels = [label for _, label in messages]
-        # encode_ordinary: a message that contains "<|endoftext|>" is just text, not a special token
-        encoded = [tokenizer.encode_ordinary(text) for text, _ in messages]  # once, not every epoch
-        if any(not ids for ids in encoded):
-            raise DataError("a message has no tokens; every message needs some text")
-        longest = max((len(ids) for ids in encoded), default=1)
-        self.max_length = min(longest, context_length or longest) if max_length is None else max_length
-        if self.max_length < 1:
-            raise DataError(f"max_length must be at least 1, got {self.max_length}")
-        self.truncated = sum(len(ids) > self.max_length for ids in encoded)
-        self.encoded = [ids[:self.max_length] for ids in encoded]
-
-    def __len__(self):
-        return len(self.encoded)
-
-    def __getitem__(self, i):
-        return self.encoded[i], self.labels[i]
-
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.encoded]
-
-
-def collate(batch, pad_id, pad_to=None):
-    """Right-pad a list of (ids, label) to the longest in the batch (or to pad_to, if longer).
-
-    pad_id: the tokenizer's <|endoftext|> (tokenizer.eot_token), GPT-2's usual pad token; what it
-    holds never matters, since the logits are read before it. Returns input_ids (B, T) int64, last_index (B,) — where each message's last real token is —
-    and labels (B,).
-    """
-    T = max(max(len(ids) for ids, _ in batch), pad_to or 0)
-    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T), all padding to start
-    for row, (ids, _) in enumerate(batch):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    last_index = torch.tensor([len(ids) - 1 for ids, _ in batch], dtype=torch.long)
-    labels = torch.tensor([label for _, label in batch], dtype=torch.long)
-    return input_ids, last_index, labels
-
-
-class BucketBatchSampler(Sampler):
-    """Batches of messages of similar length, in a new seeded random order every epoch.
-
-    Each epoch: shuffle all indices, cut them into pools of `pool` batches, sort each pool by
-    length, cut it into batches, and shuffle the batches. Padding shrinks to almost nothing while
-    which messages meet in a batch still changes from epoch to epoch.
-    """
-
-    def __init__(self, lengths, batch_size, generator, pool=50, shuffle=True):
-        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
-        self.pool, self.shuffle = pool, shuffle
-
-    def __iter__(self):
-        if not self.shuffle:  # evaluation: simply by length
-            order = sorted(range(len(self.lengths)), key=self.lengths.__getitem__)
-            yield from (order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size))
-            return
-        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
-        size = self.batch_size * self.pool
-        batches = []
-        for start in range(0, len(order), size):
-            chunk = sorted(order[start:start + size], key=self.lengths.__getitem__)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        for i in torch.randperm(len(batches), generator=self.generator).tolist():
-            yield batches[i]
-
-    def __len__(self):
-        return -(-len(self.lengths) // self.batch_size)
-
-
-def make_loaders(splits, tokenizer, batch_size=8, seed=42, max_length=None, bucket=True,
-                 pad_to=None, context_length=1024) -> dict[str, DataLoader]:
-    """DataLoaders for every non-empty split; train is shuffled with a generator seeded by seed.
-
-    max_length defaults to the longest training message (capped at context_length); the other
-    splits are truncated to the same length. bucket batches similar lengths together; pad_to pads
-    every batch to at least that many tokens (the reference course's fixed padding, for comparison).
-    """
-    if batch_size < 1:
-        raise DataError(f"batch size must be at least 1, got {batch_size}")
-    if max_length is None:
-        max_length = SpamDataset(splits["train"], tokenizer, context_length=context_length).max_length
-    if max_length > context_length:
-        raise DataError(f"max_length {max_length} exceeds the model's context of {context_length} tokens")
-    pad = functools.partial(collate, pad_id=tokenizer.eot_token, pad_to=pad_to)
-    loaders = {}
-    for name, messages in splits.items():
-        if not messages:
-            continue
-        dataset = SpamDataset(messages, tokenizer, max_length=max_length)
-        generator = torch.Generator().manual_seed(seed)
-        train = name == "train"
-        if bucket:
-            sampler = BucketBatchSampler(dataset.lengths(), batch_size, generator, shuffle=train)
-            loaders[name] = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad)
-        else:
-            loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator,
-                                       collate_fn=pad)
-    return loaders
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: a learner's window into the data
+    def check(part):  # the zip itself has no published hash; the file inside it has
+        member = _read_zip_member(part)
+        if hashlib.sha256(member).hexdigest() != SMS_SHA256:
+            raise ValueError(f"its {SMS_MEMBER} is not the published file (sha256 differs)")
+    if not archive.exists():
+        try:
+            cli.download_file(SMS_URL, archive, check=check)
+        except cli.DownloadError as e:
+            raise cli.DownloadError(f"{e}. Without internet, pass --data PATH to a local copy of "
+                                     f"{SMS_MEMBER} (or its zip)") from None
+    cli.atomic_write(target, _read_zip_member(archive))  # under our own name, never the archive's
+    return target
 
 
 def data_path(data=None, cache_dir=None) -> Path:
@@ -548,12 +546,15 @@ def tokenizer_folder(model_dir=None, cache_dir=None) -> Path:
     return gpt2.download_gpt2("124M", cache_dir=cache_dir, files=("encoder.json", "vocab.bpe"))
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. Command line: a learner's window into the data
+
 def main(argv=None):
-    gpt2.run_cli(lambda: report(parse_args(argv)), "data.py", expected=(DataError,))
+    cli.run_cli(lambda: report(parse_args(argv)), "data.py", expected=(DataError,))
 
 
 def parse_args(argv):
-    parser = gpt2.ArgumentParser(prog="data.py", description="Show what training will see of the SMS data.")
+    parser = cli.ArgumentParser(prog="data.py", description="Show what training will see of the SMS data.")
     parser.add_argument("--data", default=None, help="SMSSpamCollection, its zip, or your own .tsv/.csv "
                                                      "(default: download the official file once)")
     parser.add_argument("--model-dir", default=None, help="a folder with GPT-2's encoder.json and vocab.bpe")

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
+import formats
 import gpt2
 
 ADAPTER_FORMAT = "gpt2-lora-adapter"
@@ -48,21 +50,21 @@ def check_lora_hparams(rank, alpha, dropout=0.0):
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
         raise ValueError(f"LoRA rank must be an integer >= 1 (at most {MAX_RANK:,}), got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_ALPHA:
-        raise ValueError(f"LoRA alpha must be a number > 0 (at most {MAX_ALPHA:g}, as an adapter file allows), got {alpha!r}")
+        raise ValueError(f"LoRA alpha must be a number > 0 (at most {MAX_ALPHA:g}, as an adapter file allows), "
+                         f"got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
 class LoRALayer(nn.Module):
-    """The low-rank update alone: add_(h, x) adds (alpha / rank) · x A B, shape (..., out_dim), into
-    a layer's output h, for x of shape (..., in_dim); A is (in_dim, rank), B (rank, out_dim) (see
-    the module docstring).
+    """The low-rank update alone: lora(x) = (alpha / rank) · x A B, for x of shape (..., in_dim);
+    A is (in_dim, rank), B (rank, out_dim) (see the module docstring).
 
     A starts random, uniform in ±1/sqrt(rank) (kaiming_uniform_ with a = sqrt(5), as in the
     course; PyTorch takes the fan-in of the (in_dim, rank) matrix to be rank), and B starts at
     zero, so B A = 0 and the adapted model is exactly the pretrained one at step 0; training then
-    moves B away from zero. Dividing by rank (the alpha/r factor) keeps the update's size roughly the same
-    when rank changes, so one learning rate serves many ranks.
+    moves B away from zero. Dividing by rank (the alpha/r factor) keeps the update's size roughly
+    the same when rank changes, so one learning rate serves many ranks.
     """
 
     def __init__(self, in_dim, out_dim, rank, alpha, dropout=0.0, device=None):
@@ -75,34 +77,35 @@ class LoRALayer(nn.Module):
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-    def add_(self, h, x):
-        """h += (alpha/r) · x A B, in place, and return h: the update of LinearWithLoRA's output h.
-
-        Summing into h, rather than returning a second (..., out_dim) tensor to add, saves a third
-        of a training step's memory. (Under bf16 autocast h is bf16, and in-place ops are not cast
-        for us, hence the .to casts.)"""
+    def forward(self, x, into=None):
+        """(alpha / rank) · x A B, of shape (..., out_dim). With into=h, the same update is added to
+        h in place and h is returned: LinearWithLoRA's linear(x) + lora(x) without a second
+        (..., out_dim) tensor, which saves a third of a training step's memory (measured)."""
         if self.training and self.dropout > 0:  # no kernel launched at all when dropout is 0
             x = F.dropout(x, self.dropout)
-        xa = x.reshape(-1, x.shape[-1]) @ self.A.to(x.dtype)  # (N, in) @ (in, r) -> (N, r)
-        h.view(-1, h.shape[-1]).addmm_(xa.to(h.dtype), self.B.to(h.dtype), alpha=self.scaling)  # (N, out)
-        return h
+        xa = x @ self.A.to(x.dtype)  # (..., in) @ (in, r) -> (..., r): the rank-r bottleneck
+        if into is None:
+            return self.scaling * (xa @ self.B.to(xa.dtype))  # (..., r) @ (r, out) -> (..., out)
+        # Under bf16 autocast h is bf16, and in-place ops are not cast for us, hence the .to casts
+        h = into.view(-1, into.shape[-1])
+        h.addmm_(xa.reshape(-1, self.rank).to(h.dtype), self.B.to(h.dtype), alpha=self.scaling)
+        return into
 
     def extra_repr(self):
         return f"rank={self.rank}, alpha={self.alpha}" + (f", dropout={self.dropout}" if self.dropout else "")
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen nn.Linear plus its LoRA update: h = W0 x + (alpha/r) B A x, i.e. linear(x) + lora(x)
-    in the course's words, where "lora(x)" is LoRALayer.add_ summing (alpha/r) x A B into h."""
+    """A frozen nn.Linear plus its LoRA update: h = W0 x + (alpha/r) B A x."""
 
-    def __init__(self, linear_layer: nn.Linear, rank, alpha, dropout=0.0):
+    def __init__(self, linear, rank, alpha, dropout=0.0):
         super().__init__()
-        self.linear = linear_layer
-        self.lora = LoRALayer(linear_layer.in_features, linear_layer.out_features, rank, alpha, dropout,
-                              device=linear_layer.weight.device)
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout,
+                              device=linear.weight.device)
 
     def forward(self, x):
-        return self.lora.add_(self.linear(x), x)
+        return self.lora(x, into=self.linear(x))  # linear(x) + lora(x), summed in place
 
 
 def parse_targets(targets) -> tuple[str, ...] | None:
@@ -164,7 +167,8 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
     for _, _, full_name, layer in chosen:  # B A has rank at most min(in, out): a larger r adds nothing
         if rank > min(layer.in_features, layer.out_features):
             raise ValueError(f"LoRA rank {rank} is larger than {full_name} ({layer.in_features} -> "
-                             f"{layer.out_features}); use a rank of at most {min(layer.in_features, layer.out_features)}")
+                             f"{layer.out_features}); use a rank of at most "
+                             f"{min(layer.in_features, layer.out_features)}")
     for parent, child_name, _, layer in chosen:
         setattr(parent, child_name, LinearWithLoRA(layer, rank, alpha, dropout))
     return len(chosen)
@@ -312,19 +316,19 @@ def save_adapter(model: nn.Module, path, meta: dict):
 
     meta: JSON values for the keys of ADAPTER_SCHEMA (rank, alpha and dropout are taken from the
     model) and any others, e.g. the base model's size and folder. A non-finite weight is refused."""
-    gpt2.atomic_write(path, adapter_writer(model, meta, path))
+    cli.atomic_write(path, adapter_writer(model, meta, path))
 
 
 def adapter_writer(model: nn.Module, meta: dict, path="the adapter"):
-    """What save_adapter writes, as a function of an open file (for gpt2.atomic_write_all)."""
+    """What save_adapter writes, as a function of an open file (for cli.atomic_write_all)."""
     meta = check_adapter_meta({**meta, **_lora_summary(model)}, path)
     tensors = {name: p.detach().float().cpu().numpy() for name, p in adapter_state(model).items()}
     bad = [name for name, a in tensors.items() if not np.isfinite(a).all()]
     if bad:
-        raise ValueError(f"the adapter holds NaN or infinite weights ({gpt2.listing(bad, 2)}); not saved")
+        raise ValueError(f"the adapter holds NaN or infinite weights ({cli.listing(bad, 2)}); not saved")
     header = {"format": ADAPTER_FORMAT, "version": str(ADAPTER_VERSION)}
     header.update({key: json.dumps(value) for key, value in meta.items()})
-    return gpt2.safetensors_writer(tensors, metadata=header)
+    return formats.safetensors_writer(tensors, metadata=header)
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -340,13 +344,14 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{path} is an adapter of the old pickle format, which is never loaded (it could "
                          "run code); retrain with python train.py to get a .safetensors adapter")
     try:
-        arrays, header = gpt2.read_safetensors(path, with_metadata=True)
+        arrays, header = formats.read_safetensors(path, with_metadata=True)
         if header.get("format") != ADAPTER_FORMAT:
             raise ValueError("it is not a LoRA adapter made by train.py")
         if header.get("version") != str(ADAPTER_VERSION):
-            raise ValueError(f"it has adapter format version {header.get('version')}; this code reads {ADAPTER_VERSION}")
+            raise ValueError(f"it has adapter format version {header.get('version')}; "
+                             f"this code reads {ADAPTER_VERSION}")
         meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
-    except (gpt2.CheckpointError, ValueError, RecursionError) as e:
+    except (formats.CheckpointError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable adapter file ({str(e).removeprefix(str(path) + ': ')})") from None
     tensors = {name: torch.from_numpy(np.array(a, np.float32)) for name, a in arrays.items()}
     if any(not torch.isfinite(t).all() for t in tensors.values()):
@@ -364,12 +369,13 @@ def load_adapter(model: nn.Module, path, adapter=None) -> dict:
     summary = _lora_summary(model)
     for key in ("rank", "alpha"):
         if meta.get(key) != summary[key]:
-            raise ValueError(f"{path} was trained with LoRA {key} {meta.get(key)}, but the model has {key} {summary[key]}")
+            raise ValueError(f"{path} was trained with LoRA {key} {meta.get(key)}, "
+                             f"but the model has {key} {summary[key]}")
     state = adapter_state(model)
     missing, extra = state.keys() - tensors.keys(), tensors.keys() - state.keys()
     if missing or extra:
-        detail = "; ".join(x for x in (f"the model also adapts {gpt2.listing(missing, 3)}" if missing else "",
-                                       f"the file also has {gpt2.listing(extra, 3)}" if extra else "") if x)
+        detail = "; ".join(x for x in (f"the model also adapts {cli.listing(missing, 3)}" if missing else "",
+                                       f"the file also has {cli.listing(extra, 3)}" if extra else "") if x)
         raise ValueError(f"{path} was made for other LoRA targets or another model ({detail})")
     # the same names can still hold other shapes: rank, head size or model width differ
     for name, param in state.items():

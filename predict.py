@@ -14,16 +14,14 @@ Usage:
 
 from __future__ import annotations
 
-import sys
+import cli
 
-if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
-    import os
-    import signal
-    # os._exit, not sys.exit: the imports of numpy and torch swallow a SystemExit raised inside them
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("predict.py: interrupted\n"), sys.stderr.flush(), os._exit(130)))
+if __name__ == "__main__":
+    cli.exit_on_signals_while_importing("predict.py")  # torch takes about 2 s to import
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -40,7 +38,9 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu", 
     adapter_path = Path(adapter_path)
     if not adapter_path.exists():
         old = adapter_path.with_suffix(".pt")
-        hint = f" ({old} is of the old pickle format, which is no longer read)" if old.exists() and old != adapter_path else ""
+        hint = ""
+        if old.exists() and old != adapter_path:
+            hint = f" ({old} is of the old pickle format, which is no longer read)"
         raise FileNotFoundError(f"no trained adapter at {adapter_path} — run python train.py first{hint}")
     meta, tensors = lora.read_adapter(adapter_path)
     if model_dir is None and isinstance(meta.get("model_dir"), str) and Path(meta["model_dir"]).is_dir():
@@ -76,7 +76,7 @@ def classify(model, pad_id, encoded, max_length, device, precision="fp32", batch
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         input_ids, last_index, _ = data.collate([(encoded[i], 0) for i in rows], pad_id=pad_id)
-        with gpt2.autocast_for(device, precision):
+        with cli.autocast_for(device, precision):
             logits = gpt2.logits_at_last_token(model, input_ids.to(device), last_index.to(device))  # (B, 2)
         for i, p in zip(rows, torch.softmax(logits, dim=-1)[:, 1].tolist()):  # P(spam)
             spam[i] = p
@@ -102,7 +102,7 @@ def read_texts(args_texts, literal, stdin) -> list[str]:
 
 
 def parse_args(argv):
-    p = gpt2.ArgumentParser(prog="predict.py", description="Tell spam from ham with a trained LoRA adapter.")
+    p = cli.ArgumentParser(prog="predict.py", description="Tell spam from ham with a trained LoRA adapter.")
     p.add_argument("messages", nargs="+", help='messages to classify; "-" reads one message per line from stdin; '
                                                'after "--" every argument is a message, "-" included')
     p.add_argument("--adapter", default=DEFAULT_ADAPTER, help="adapter file written by train.py")
@@ -112,8 +112,8 @@ def parse_args(argv):
     p.add_argument("--model-dir", default=None, help="base model folder (default: the one named in the adapter)")
     p.add_argument("--cache-dir", default=None, help="download cache (see gpt2.py --help)")
     p.add_argument("--batch-size", type=int, default=32, help="messages per forward pass")
-    p.add_argument("--device", default="auto", help=gpt2.DEVICE_HELP)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=gpt2.PRECISION_HELP)
+    p.add_argument("--device", default="auto", help=cli.DEVICE_HELP)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=cli.PRECISION_HELP)
     args = p.parse_args(argv)
     if not 1 <= args.batch_size <= 65_536:
         p.error("--batch-size must be between 1 and 65,536")
@@ -130,8 +130,8 @@ def run(argv):
     for n, text in enumerate(texts, start=1):
         if not text.strip():
             raise ValueError(f"message {n} is empty; give some text to classify")
-    device = gpt2.pick_device(args.device)
-    precision, _ = gpt2.choose_precision(args.precision, device)
+    device = cli.pick_device(args.device)
+    precision, _ = cli.choose_precision(args.precision, device)
     model, tokenizer, meta = load_classifier(args.adapter, args.model_dir, args.cache_dir, device, precision)
     max_length, labels = meta["max_length"], meta["labels"]
     threshold = meta["threshold"] if args.threshold is None else args.threshold
@@ -155,7 +155,7 @@ def run(argv):
 
 
 def main(argv=None):
-    gpt2.run_cli(lambda: run(argv), "predict.py")
+    cli.run_cli(lambda: run(argv), "predict.py")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ Usage:
 
 from __future__ import annotations
 
-import sys
+import cli
 
-if __name__ == "__main__":  # Ctrl-C while torch imports (about 2 s) ends in one line, not a traceback
-    import signal
-    import os
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("train.py: interrupted; nothing was saved\n"),
-                                             sys.stderr.flush(), os._exit(130)))
+if __name__ == "__main__":
+    cli.exit_on_signals_while_importing("train.py", "interrupted; nothing was saved")  # torch takes ~2 s
 
 import argparse
 import json
@@ -28,6 +25,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,12 +43,11 @@ THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the validation report shows prec
 
 
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation
-
+# 1. Training: one step, one epoch, the whole fit
 
 def train_step(model, optimizer, input_ids, last_index, labels, precision="fp32"):
     """One optimizer step on one batch; returns (loss, logits (B, 2))."""
-    with gpt2.autocast_for(input_ids.device, precision):
+    with cli.autocast_for(input_ids.device, precision):
         logits = gpt2.logits_at_last_token(model, input_ids, last_index)  # (B, 2), float32
     loss = nn.functional.cross_entropy(logits, labels)  # the loss itself in float32
     # set_to_none: gradients are freed between steps instead of being zeroed and kept
@@ -82,6 +79,44 @@ def train_epoch(model, loader, optimizer, device, epoch, log_every, precision="f
     return total_loss / seen, correct / seen, logged
 
 
+def fit(model, loaders, args, device, precision):
+    """Train for args.epochs; keep the adapter of the best (lowest validation loss) or last epoch.
+    Returns (history, logged batch losses as (epoch progress, loss), the kept epoch)."""
+    # Only the trainable tensors go to the optimizer: the frozen 124M get no AdamW state at all
+    # (AdamW keeps two extra tensors per parameter, which would triple the model's memory).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    history, curve, best, kept = [], [], math.inf, None
+    n = len(loaders["train"])
+    clock = (time.perf_counter(), 0, n * args.epochs)
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        avg_loss, train_acc, logged = train_epoch(model, loaders["train"], optimizer, device, epoch,
+                                                  args.log_every, precision, (clock[0], n * (epoch - 1), clock[2]))
+        curve += [(epoch - 1 + (batch + 1) / n, loss) for batch, loss in logged]
+        labels, probs, val_loss = spam_probabilities(model, loaders["val"], device, precision)
+        if not math.isfinite(val_loss):
+            raise ValueError(f"the validation loss became {val_loss} in epoch {epoch}; training stopped and "
+                             "nothing was saved. Try a smaller --lr")
+        val_acc = binary_metrics(labels, probs, args.threshold)["accuracy"]
+        seconds = time.perf_counter() - start
+        history.append({"epoch": epoch, "avg_loss": avg_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+                        "val_accuracy": val_acc, "seconds": seconds})
+        print(f"Epoch {epoch} Finished | Avg Loss: {avg_loss:.4f} | Acc: {100 * train_acc:.2f}% | "
+              f"Val Acc: {100 * val_acc:.2f}% | Time: {seconds:.2f}s", flush=True)
+        if args.keep == "last" or val_loss < best:  # a copy of what the adapter file would hold
+            best, kept = val_loss, {k: v.detach().clone() for k, v in lora.adapter_state(model).items()}
+            history[-1]["kept"] = True
+            for h in history[:-1]:
+                h.pop("kept", None)
+    with torch.no_grad():
+        for name, param in lora.adapter_state(model).items():
+            param.copy_(kept[name])
+    kept_epoch = next(h["epoch"] for h in history if h.get("kept"))
+    print(f"Kept the adapter of epoch {kept_epoch} ({'lowest validation loss' if args.keep == 'best' else 'the last'})")
+    return history, curve, kept_epoch
+
+
 def eta(clock, batches_done_now) -> str:
     """' | 0:42 left' for the whole run, from the pace of the batches so far."""
     if clock is None:
@@ -92,6 +127,9 @@ def eta(clock, batches_done_now) -> str:
     return f" | {int(left // 60)}:{int(left % 60):02d} left"
 
 
+# ----------------------------------------------------------------------------------------------
+# 2. Evaluation
+
 @torch.inference_mode()
 def spam_probabilities(model, loader, device, precision="fp32", name=None):
     """(true labels, P(spam) of each message, mean cross-entropy) over a whole loader."""
@@ -99,7 +137,7 @@ def spam_probabilities(model, loader, device, precision="fp32", name=None):
     labels, probs, loss_sum = [], [], 0.0
     started = time.perf_counter()
     for batch, (input_ids, last_index, y) in enumerate(loader, start=1):
-        with gpt2.autocast_for(device, precision):
+        with cli.autocast_for(device, precision):
             logits = gpt2.logits_at_last_token(model, input_ids.to(device), last_index.to(device))  # (B, 2)
         loss_sum += nn.functional.cross_entropy(logits, y.to(device), reduction="sum").item()
         probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
@@ -107,6 +145,34 @@ def spam_probabilities(model, loader, device, precision="fp32", name=None):
         if name and batch % 50 == 0:  # a large split (4,080 unused messages) shows its progress
             print(f"Evaluating {name} | Batch {batch}/{len(loader)}{eta((started, 0, len(loader)), batch)}", flush=True)
     return labels, probs, loss_sum / max(len(labels), 1)
+
+
+def evaluate(model, loaders, args, device, precision) -> dict:
+    """Validation thresholds and ROC AUC, then the test set (and the unused ham) at --threshold."""
+    labels, probs, _ = spam_probabilities(model, loaders["val"], device, precision)
+    auc = roc_auc(labels, probs)
+    print(f"\nValidation: ROC AUC {auc:.4f}" if auc is not None else "\nValidation: ROC AUC undefined (one class)")
+    print("  threshold  spam precision  spam recall")
+    table = [binary_metrics(labels, probs, t) for t in sorted({*THRESHOLDS, args.threshold})]
+    for row in table:
+        print(f"  {row['threshold']:>9.2f}  {row['precision']:>14.4f}  {row['recall']:>11.4f}"
+              + ("   <- --threshold" if row["threshold"] == args.threshold else ""))
+    test = binary_metrics(*spam_probabilities(model, loaders["test"], device, precision)[:2], args.threshold)
+    c = test["confusion"]
+    print(f"\nTest Set Accuracy: {100 * test['accuracy']:.2f}%")
+    print(f"Spam precision: {test['precision']:.4f} | recall: {test['recall']:.4f} | F1: {test['f1']:.4f}")
+    print("Confusion matrix (rows: true label, columns: predicted):")
+    print(f"{'':>10}{'ham':>8}{'spam':>8}\n{'ham':>10}{c['ham_as_ham']:>8,}{c['ham_as_spam']:>8,}\n"
+          f"{'spam':>10}{c['spam_as_ham']:>8,}{c['spam_as_spam']:>8,}")
+    metrics = {"val": {"roc_auc": auc, "thresholds": table}, "test": test}
+    if "unused" in loaders:
+        _, probs, _ = spam_probabilities(model, loaders["unused"], device, precision, name="unused")
+        false_pos = sum(p >= args.threshold for p in probs)
+        metrics["unused"] = {"messages": len(probs), "false_positives": false_pos,
+                             "false_positive_rate": false_pos / len(probs)}
+        print(f"False positives on the {len(probs):,} unused ham messages: {false_pos:,} "
+              f"({100 * false_pos / len(probs):.2f}%)")
+    return metrics
 
 
 def binary_metrics(labels, probs, threshold=0.5) -> dict:
@@ -141,62 +207,94 @@ def roc_auc(labels, probs) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The curves: a plain SVG, two panels (loss; accuracy) over the epochs
+# 3. The run: build, fit, evaluate, save
+
+def run(args):
+    device = cli.pick_device(args.device)
+    check_device(args, device)
+    model, folder, loaders, precision = build(args, device)
+    history, curve, kept_epoch = fit(model, loaders, args, device, precision)
+    metrics = evaluate(model, loaders, args, device, precision)
+    save(model, folder, loaders, args, precision, {"history": history, "kept_epoch": kept_epoch, **metrics}, curve)
 
 
-def curves_svg(batch_losses, history, width=880, height=380) -> str:
-    """Training loss per logged batch and validation loss per epoch (left), train and validation
-    accuracy per epoch (right). Each polyline carries its values as JSON in data-values."""
-    epochs = max(len(history), 1)
-    top_loss = max([y for _, y in batch_losses] + [h["val_loss"] for h in history] + [1e-9]) * 1.05
-    # (id, legend, points, colour, dash): training solid blue, validation dashed orange
-    loss_series = [("train-loss", "training loss (per logged batch)", batch_losses, "#0072B2", ""),
-                   ("val-loss", "validation loss", [(h["epoch"], h["val_loss"]) for h in history], "#D55E00", "6 4")]
-    acc_series = [("train-acc", "training accuracy", [(h["epoch"], 100 * h["train_accuracy"]) for h in history],
-                   "#0072B2", ""),
-                  ("val-acc", "validation accuracy", [(h["epoch"], 100 * h["val_accuracy"]) for h in history],
-                   "#D55E00", "6 4")]
-    panels = [("Loss", "loss", top_loss, loss_series), ("Accuracy", "accuracy (%)", 100, acc_series)]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="13"><rect width="100%" height="100%" fill="white"/>']
-    w, h = width / 2 - 90, height - 150  # each plot area; margins hold the axes, title and legend
-    for i, (title, ylabel, top, series) in enumerate(panels):
-        x0, y0 = i * width / 2 + 65, 55  # the plot area's top-left corner
+def build(args, device):
+    """The model, its tokenizer, the data loaders and the precision: everything before training."""
+    torch.manual_seed(args.seed)  # LoRA's A and the new head are the only random initialisations
+    precision, why = cli.choose_precision(args.precision, device)
+    messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))  # a --data typo first
+    for note in notes:
+        print(note, file=sys.stderr)
+    splits = data.split_dataset(messages, seed=args.seed)
+    if not args.eval_unused:
+        splits.pop("unused")  # 4,080 messages: not worth tokenizing unless asked for
+    elif not splits["unused"]:
+        raise ValueError("--eval-unused: this data file leaves no unused messages (its classes are balanced)")
+    elif any(label for _, label in splits["unused"]):
+        raise ValueError("--eval-unused measures false positives on the ham left out by balancing, but this "
+                         "file has more spam than ham, so the messages left out are spam; drop --eval-unused")
+    folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
+    model, tokenizer = gpt2.load_model_and_tokenizer(
+        folder, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    loaders = data.make_loaders(splits, tokenizer, batch_size=args.batch_size, seed=args.seed,
+                                max_length=args.max_length, bucket=args.bucket,
+                                context_length=model.cfg.context_length)
+    print(f"Data: {len(splits['train']):,} train, {len(splits['val']):,} val, {len(splits['test']):,} test "
+          f"messages; max length {loaders['train'].dataset.max_length} tokens; device {device}")
+    print(f"precision: {precision} ({why})")
 
-        def px(x, y):
-            return x0 + w * x / epochs, y0 + h * (1 - y / top)
-        out.append(f'<text x="{x0 + w / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>')
-        out.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#888"/>')
-        for k in range(6):  # five steps on the y axis, one tick per epoch on the x axis
-            _, y = px(0, top * k / 5)
-            out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{top * k / 5:.{0 if top >= 10 else 2}f}</text>')
-        for e in range(epochs + 1):
-            x, _ = px(e, 0)
-            out.append(f'<text x="{x:.1f}" y="{y0 + h + 18}" text-anchor="middle">{e}</text>')
-        out.append(f'<text x="{x0 + w / 2}" y="{y0 + h + 38}" text-anchor="middle">epoch</text>')
-        out.append(f'<text transform="translate({x0 - 48},{y0 + h / 2}) rotate(-90)" text-anchor="middle">{ylabel}</text>')
-        for j, (sid, label, points, colour, dash) in enumerate(series):
-            pixels = " ".join("%.1f,%.1f" % px(x, y) for x, y in points)
-            out.append(f'<polyline id="{sid}" data-values="{escape(json.dumps(points))}" points="{pixels}" fill="none" '
-                       f'stroke="{colour}" stroke-width="2" stroke-dasharray="{dash}"/>')
-            out += [f'<circle cx="%.1f" cy="%.1f" r="3.5" fill="{colour}"/>' % px(x, y) for x, y in points if sid != "train-loss"]
-            lx, ly = x0, y0 + h + 64 + 20 * j  # the legend: one row per series, under the axis
-            out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 24}" y2="{ly - 4}" stroke="{colour}" stroke-width="2" '
-                       f'stroke-dasharray="{dash}"/><text x="{lx + 30}" y="{ly}">{label}</text>')
-        kept = [r["epoch"] for r in history if r.get("kept")]
-        for e in kept:
-            x, _ = px(e, 0)
-            out.append(f'<line class="kept" x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + h}" stroke="#555" '
-                       f'stroke-dasharray="2 3"/><text x="{x - 4:.1f}" y="{y0 + 14}" fill="#555" text-anchor="end">kept</text>')
-    return "\n".join(out + ["</svg>"]) + "\n"
+    print(f"\nModel before LoRA (the first of {len(model.trf_blocks)} transformer blocks):")
+    print(model.trf_blocks[0])
+    lora.build_classifier(model, len(data.LABELS), args.rank, args.alpha, args.lora_dropout, targets=args.targets)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    check_out(Path(args.out), need=4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24)
+    print("\nModel after LoRA:")
+    print(model.trf_blocks[0])
+    lora.print_trainable_parameters(model, skip=("out_head",))  # the counts before the new head
+    print("With the new classification head:")
+    lora.print_trainable_parameters(model)
+    print()
+    return model, folder, loaders, precision
+
+
+def save(model, folder, loaders, args, precision, metrics, curve):
+    """The adapter, its metrics and its curves, all with one run id: each is written in full to a
+    temporary file first, then the three are renamed into place with Ctrl-C held back, so a full
+    disk replaces nothing and a reader never finds a new adapter beside another run's metrics."""
+    out = Path(args.out)
+    run_id = secrets.token_hex(8)
+    # the size name predict.py would download if the folder is gone; from the folder's own shape
+    size = next((name for name, cfg in gpt2.GPT2_SIZES.items() if cfg == model.cfg), args.model)
+    meta = {"model": size, "model_dir": str(folder.resolve()), "weights_source": args.weights_source,
+            "config": {k: v for k, v in asdict(model.cfg).items() if k in gpt2.CONFIG_BOUNDS},
+            "targets": list(args.targets) if args.targets else "all", "max_length": loaders["train"].dataset.max_length,
+            "labels": list(data.LABELS), "threshold": args.threshold, "precision": precision, "seed": args.seed,
+            "kept_epoch": metrics["kept_epoch"], "run_id": run_id}
+    metrics = {"run_id": run_id, "precision": precision, **metrics,
+               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+    files = {out.with_name(out.name + ".metrics.json"): json.dumps(metrics, indent=2) + "\n",
+             out.with_name(out.name + ".curves.svg"): curves_svg(curve, metrics["history"]),
+             out: lora.adapter_writer(model, meta, out)}  # only A, B and the head: 10.6 MB for rank 16 on 124M
+    with cli.interrupts_deferred() as interrupted:
+        cli.atomic_write_all(files)
+    print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB), metrics to {out}.metrics.json "
+          f"and curves to {out}.curves.svg")
+    if interrupted:
+        sys.stderr.write("train.py: interrupted just as the adapter was being saved; it was saved\n")
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------
-# The command
+# 4. The command line, every argument checked before anything loads
+
+def main(argv=None):
+    cli.run_cli(lambda: run(parse_args(argv)), "train.py", expected=(data.DataError,),
+                 interrupted="interrupted; nothing was saved (an existing adapter is untouched)",
+                 memory_tip="try a smaller --batch-size or model, or --gradient-checkpointing if it is off")
 
 
 def parse_args(argv=None):
-    p = gpt2.ArgumentParser(prog="train.py", description="Fine-tune GPT-2 with LoRA to tell spam from ham.")
+    p = cli.ArgumentParser(prog="train.py", description="Fine-tune GPT-2 with LoRA to tell spam from ham.")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / rank")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
@@ -218,8 +316,8 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.5,
                    help="P(spam) at or above which a message is called spam; stored in the adapter")
     p.add_argument("--seed", type=int, default=42, help="seed of the split, the batch order and the init")
-    p.add_argument("--device", default="auto", help=gpt2.DEVICE_HELP)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=gpt2.PRECISION_HELP)
+    p.add_argument("--device", default="auto", help=cli.DEVICE_HELP)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help=cli.PRECISION_HELP)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input and recompute the rest in the backward pass: far "
                         "less memory for the larger models, 30-70%% more time (measured), the same results")
@@ -280,138 +378,6 @@ def check_out(out: Path, need=64 * 2**20):
                          "metrics need that); free some space or choose another --out")
 
 
-def build(args, device):
-    """The model, its tokenizer, the data loaders and the precision: everything before training."""
-    torch.manual_seed(args.seed)  # LoRA's A and the new head are the only random initialisations
-    precision, why = gpt2.choose_precision(args.precision, device)
-    messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))  # a --data typo first
-    for note in notes:
-        print(note, file=sys.stderr)
-    splits = data.split_dataset(messages, seed=args.seed)
-    if not args.eval_unused:
-        splits.pop("unused")  # 4,080 messages: not worth tokenizing unless asked for
-    elif not splits["unused"]:
-        raise ValueError("--eval-unused: this data file leaves no unused messages (its classes are balanced)")
-    elif any(label for _, label in splits["unused"]):
-        raise ValueError("--eval-unused measures false positives on the ham left out by balancing, but this "
-                         "file has more spam than ham, so the messages left out are spam; drop --eval-unused")
-    folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
-    model, tokenizer = gpt2.load_model_and_tokenizer(
-        folder, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    loaders = data.make_loaders(splits, tokenizer, batch_size=args.batch_size, seed=args.seed,
-                                max_length=args.max_length, bucket=args.bucket,
-                                context_length=model.cfg.context_length)
-    print(f"Data: {len(splits['train']):,} train, {len(splits['val']):,} val, {len(splits['test']):,} test "
-          f"messages; max length {loaders['train'].dataset.max_length} tokens; device {device}")
-    print(f"precision: {precision} ({why})")
-
-    print(f"\nModel before LoRA (the first of {len(model.trf_blocks)} transformer blocks):")
-    print(model.trf_blocks[0])
-    lora.build_classifier(model, len(data.LABELS), args.rank, args.alpha, args.lora_dropout, targets=args.targets)
-    model.gradient_checkpointing = args.gradient_checkpointing
-    check_out(Path(args.out), need=4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24)
-    print("\nModel after LoRA:")
-    print(model.trf_blocks[0])
-    lora.print_trainable_parameters(model, skip=("out_head",))  # the counts before the new head
-    print("With the new classification head:")
-    lora.print_trainable_parameters(model)
-    print()
-    return model, folder, loaders, precision
-
-
-def fit(model, loaders, args, device, precision):
-    """Train for args.epochs; keep the adapter of the best (lowest validation loss) or last epoch.
-    Returns (history, logged batch losses as (epoch progress, loss), the kept epoch)."""
-    # Only the trainable tensors go to the optimizer: the frozen 124M get no AdamW state at all
-    # (AdamW keeps two extra tensors per parameter, which would triple the model's memory).
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    history, curve, best, kept = [], [], math.inf, None
-    n = len(loaders["train"])
-    clock = (time.perf_counter(), 0, n * args.epochs)
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        avg_loss, train_acc, logged = train_epoch(model, loaders["train"], optimizer, device, epoch,
-                                                  args.log_every, precision, (clock[0], n * (epoch - 1), clock[2]))
-        curve += [(epoch - 1 + (batch + 1) / n, loss) for batch, loss in logged]
-        labels, probs, val_loss = spam_probabilities(model, loaders["val"], device, precision)
-        if not math.isfinite(val_loss):
-            raise ValueError(f"the validation loss became {val_loss} in epoch {epoch}; training stopped and "
-                             "nothing was saved. Try a smaller --lr")
-        val_acc = binary_metrics(labels, probs, args.threshold)["accuracy"]
-        seconds = time.perf_counter() - start
-        history.append({"epoch": epoch, "avg_loss": avg_loss, "train_accuracy": train_acc, "val_loss": val_loss,
-                        "val_accuracy": val_acc, "seconds": seconds})
-        print(f"Epoch {epoch} Finished | Avg Loss: {avg_loss:.4f} | Acc: {100 * train_acc:.2f}% | "
-              f"Val Acc: {100 * val_acc:.2f}% | Time: {seconds:.2f}s", flush=True)
-        if args.keep == "last" or val_loss < best:  # a copy of what the adapter file would hold
-            best, kept = val_loss, {k: v.detach().clone() for k, v in lora.adapter_state(model).items()}
-            history[-1]["kept"] = True
-            for h in history[:-1]:
-                h.pop("kept", None)
-    with torch.no_grad():
-        for name, param in lora.adapter_state(model).items():
-            param.copy_(kept[name])
-    kept_epoch = next(h["epoch"] for h in history if h.get("kept"))
-    print(f"Kept the adapter of epoch {kept_epoch} ({'lowest validation loss' if args.keep == 'best' else 'the last'})")
-    return history, curve, kept_epoch
-
-
-def evaluate(model, loaders, args, device, precision) -> dict:
-    """Validation thresholds and ROC AUC, then the test set (and the unused ham) at --threshold."""
-    labels, probs, _ = spam_probabilities(model, loaders["val"], device, precision)
-    auc = roc_auc(labels, probs)
-    print(f"\nValidation: ROC AUC {auc:.4f}" if auc is not None else "\nValidation: ROC AUC undefined (one class)")
-    print("  threshold  spam precision  spam recall")
-    table = [binary_metrics(labels, probs, t) for t in sorted({*THRESHOLDS, args.threshold})]
-    for row in table:
-        print(f"  {row['threshold']:>9.2f}  {row['precision']:>14.4f}  {row['recall']:>11.4f}"
-              + ("   <- --threshold" if row["threshold"] == args.threshold else ""))
-    test = binary_metrics(*spam_probabilities(model, loaders["test"], device, precision)[:2], args.threshold)
-    c = test["confusion"]
-    print(f"\nTest Set Accuracy: {100 * test['accuracy']:.2f}%")
-    print(f"Spam precision: {test['precision']:.4f} | recall: {test['recall']:.4f} | F1: {test['f1']:.4f}")
-    print("Confusion matrix (rows: true label, columns: predicted):")
-    print(f"{'':>10}{'ham':>8}{'spam':>8}\n{'ham':>10}{c['ham_as_ham']:>8,}{c['ham_as_spam']:>8,}\n"
-          f"{'spam':>10}{c['spam_as_ham']:>8,}{c['spam_as_spam']:>8,}")
-    metrics = {"val": {"roc_auc": auc, "thresholds": table}, "test": test}
-    if "unused" in loaders:
-        _, probs, _ = spam_probabilities(model, loaders["unused"], device, precision, name="unused")
-        false_pos = sum(p >= args.threshold for p in probs)
-        metrics["unused"] = {"messages": len(probs), "false_positives": false_pos,
-                             "false_positive_rate": false_pos / len(probs)}
-        print(f"False positives on the {len(probs):,} unused ham messages: {false_pos:,} "
-              f"({100 * false_pos / len(probs):.2f}%)")
-    return metrics
-
-
-def save(model, folder, loaders, args, precision, metrics, curve):
-    """The adapter, its metrics and its curves, all with one run id: each is written in full to a
-    temporary file first, then the three are renamed into place with Ctrl-C held back, so a full
-    disk replaces nothing and a reader never finds a new adapter beside another run's metrics."""
-    out = Path(args.out)
-    run_id = secrets.token_hex(8)
-    # the size name predict.py would download if the folder is gone; from the folder's own shape
-    size = next((name for name, cfg in gpt2.GPT2_SIZES.items() if cfg == model.cfg), args.model)
-    meta = {"model": size, "model_dir": str(folder.resolve()), "weights_source": args.weights_source,
-            "config": {k: v for k, v in asdict(model.cfg).items() if k in gpt2.CONFIG_BOUNDS},
-            "targets": list(args.targets) if args.targets else "all", "max_length": loaders["train"].dataset.max_length,
-            "labels": list(data.LABELS), "threshold": args.threshold, "precision": precision, "seed": args.seed,
-            "kept_epoch": metrics["kept_epoch"], "run_id": run_id}
-    metrics = {"run_id": run_id, "precision": precision, **metrics,
-               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
-    files = {out.with_name(out.name + ".metrics.json"): json.dumps(metrics, indent=2) + "\n",
-             out.with_name(out.name + ".curves.svg"): curves_svg(curve, metrics["history"]),
-             out: lora.adapter_writer(model, meta, out)}  # only A, B and the head: 10.6 MB for rank 16 on 124M
-    with gpt2.interrupts_deferred() as interrupted:
-        gpt2.atomic_write_all(files)
-    print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB), metrics to {out}.metrics.json "
-          f"and curves to {out}.curves.svg")
-    if interrupted:
-        sys.stderr.write("train.py: interrupted just as the adapter was being saved; it was saved\n")
-        sys.exit(130)
-
-
 def check_device(args, device):
     """What only the chosen device can rule out, checked before anything loads."""
     if device.type == "mps" and args.gradient_checkpointing and args.lora_dropout > 0:
@@ -421,19 +387,59 @@ def check_device(args, device):
                          "dropout would differ); drop one of them or use --device cpu")
 
 
-def run(args):
-    device = gpt2.pick_device(args.device)
-    check_device(args, device)
-    model, folder, loaders, precision = build(args, device)
-    history, curve, kept_epoch = fit(model, loaders, args, device, precision)
-    metrics = evaluate(model, loaders, args, device, precision)
-    save(model, folder, loaders, args, precision, {"history": history, "kept_epoch": kept_epoch, **metrics}, curve)
+# ----------------------------------------------------------------------------------------------
+# 5. The curves: a plain SVG, two panels (loss; accuracy) over the epochs
 
+def curves_svg(batch_losses, history, width=880, height=380) -> str:
+    """Training loss per logged batch and validation loss per epoch (left), train and validation
+    accuracy per epoch (right). Each polyline carries its values as JSON in data-values."""
+    epochs = max(len(history), 1)
+    top_loss = max([y for _, y in batch_losses] + [h["val_loss"] for h in history] + [1e-9]) * 1.05
+    # (id, legend, points, colour, dash): training solid blue, validation dashed orange
+    loss_series = [("train-loss", "training loss (per logged batch)", batch_losses, "#0072B2", ""),
+                   ("val-loss", "validation loss", [(h["epoch"], h["val_loss"]) for h in history], "#D55E00", "6 4")]
+    acc_series = [("train-acc", "training accuracy", [(h["epoch"], 100 * h["train_accuracy"]) for h in history],
+                   "#0072B2", ""),
+                  ("val-acc", "validation accuracy", [(h["epoch"], 100 * h["val_accuracy"]) for h in history],
+                   "#D55E00", "6 4")]
+    panels = [("Loss", "loss", top_loss, loss_series), ("Accuracy", "accuracy (%)", 100, acc_series)]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="13"><rect width="100%" height="100%" fill="white"/>']
+    w, h = width / 2 - 90, height - 150  # each plot area; margins hold the axes, title and legend
+    for i, (title, ylabel, top, series) in enumerate(panels):
+        x0, y0 = i * width / 2 + 65, 55  # the plot area's top-left corner
 
-def main(argv=None):
-    gpt2.run_cli(lambda: run(parse_args(argv)), "train.py", expected=(data.DataError,),
-                 interrupted="interrupted; nothing was saved (an existing adapter is untouched)",
-                 memory_tip="try a smaller --batch-size or model, or --gradient-checkpointing if it is off")
+        def px(x, y):
+            return x0 + w * x / epochs, y0 + h * (1 - y / top)
+        out.append(f'<text x="{x0 + w / 2}" y="22" text-anchor="middle" font-size="15" '
+                   f'font-weight="bold">{title}</text>')
+        out.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#888"/>')
+        for k in range(6):  # five steps on the y axis, one tick per epoch on the x axis
+            _, y = px(0, top * k / 5)
+            value = f"{top * k / 5:.{0 if top >= 10 else 2}f}"
+            out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{value}</text>')
+        for e in range(epochs + 1):
+            x, _ = px(e, 0)
+            out.append(f'<text x="{x:.1f}" y="{y0 + h + 18}" text-anchor="middle">{e}</text>')
+        out.append(f'<text x="{x0 + w / 2}" y="{y0 + h + 38}" text-anchor="middle">epoch</text>')
+        out.append(f'<text transform="translate({x0 - 48},{y0 + h / 2}) rotate(-90)" '
+                   f'text-anchor="middle">{ylabel}</text>')
+        for j, (sid, label, points, colour, dash) in enumerate(series):
+            pixels = " ".join("%.1f,%.1f" % px(x, y) for x, y in points)
+            out.append(f'<polyline id="{sid}" data-values="{escape(json.dumps(points))}" points="{pixels}" fill="none" '
+                       f'stroke="{colour}" stroke-width="2" stroke-dasharray="{dash}"/>')
+            if sid != "train-loss":  # dots on the per-epoch series only
+                out += [f'<circle cx="%.1f" cy="%.1f" r="3.5" fill="{colour}"/>' % px(x, y) for x, y in points]
+            lx, ly = x0, y0 + h + 64 + 20 * j  # the legend: one row per series, under the axis
+            out.append(f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 24}" y2="{ly - 4}" stroke="{colour}" stroke-width="2" '
+                       f'stroke-dasharray="{dash}"/><text x="{lx + 30}" y="{ly}">{label}</text>')
+        kept = [r["epoch"] for r in history if r.get("kept")]
+        for e in kept:
+            x, _ = px(e, 0)
+            out.append(f'<line class="kept" x1="{x:.1f}" y1="{y0}" x2="{x:.1f}" y2="{y0 + h}" stroke="#555" '
+                       f'stroke-dasharray="2 3"/><text x="{x - 4:.1f}" y="{y0 + 14}" fill="#555" '
+                       'text-anchor="end">kept</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 if __name__ == "__main__":
