@@ -115,20 +115,32 @@ def exit_on_signals_while_importing(prog: str, message="interrupted"):
 
 
 def run_cli(main, prog: str, expected=(), interrupted="interrupted",
-            memory_tip="try a smaller --batch-size or model"):
+            memory_tip="try a smaller --batch-size or model", finish_without_stdout=False):
     """Run main() as a command: a stop signal ends in one line and exit code 128 + its number, the
     expected errors and running out of memory in one line and exit code 2, a closed output pipe
-    quietly (exit 0), and any other output error (a full disk) in one line and exit code 2."""
+    quietly (exit 0), any other output error (a full disk) in one line and exit code 2, and a
+    character the output's encoding lacks is escaped (\\U0001f600), never a crash.
+
+    interrupted: the message after a stop signal, or a function that returns it.
+    finish_without_stdout: a failing stdout does not stop main() (a long training run goes on and
+    saves its files); what happened is said on stderr at the end."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_stopped)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    stdout = sys.stdout
+    guard = sys.stdout = _StdoutGuard(stdout) if finish_without_stdout and stdout else stdout
     try:
         main()
         sys.stdout.flush()  # a full disk behind stdout shows here, not in Python's shutdown
     except KeyboardInterrupt as e:
-        name = "" if getattr(e, "signum", signal.SIGINT) == signal.SIGINT else f" by {signal.Signals(e.signum).name}"
-        _write_stderr(f"\n{prog}: {interrupted.replace('interrupted', 'interrupted' + name, 1)}\n")
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        text = interrupted() if callable(interrupted) else interrupted  # a function: what was left behind
+        _write_stderr(f"\n{prog}: {text.replace('interrupted', 'interrupted' + name, 1)}\n")
         _quiet_stdout()
-        sys.exit(getattr(e, "exit_code", 130))
+        sys.exit(128 + signum)
     except BrokenPipeError:  # e.g. piped into head
         _quiet_stdout()
         sys.exit(0)
@@ -141,6 +153,42 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
         if not oom and "allocate" not in str(e):
             raise  # not the CPU allocator's "can't allocate memory": a bug, keep its traceback
         fail(prog, f"out of memory ({str(e)[:80]}); {memory_tip}")
+    finally:
+        sys.stdout = stdout
+    error = getattr(guard, "error", None)
+    if error is not None:
+        _write_stderr(f"{prog}: standard output failed ({error.strerror or error}); the run went on to the end "
+                      "and wrote its files; its printed report is lost\n")
+        sys.exit(0 if isinstance(error, BrokenPipeError) else 2)
+
+
+class _StdoutGuard:
+    """stdout that records its first write error (a closed pipe, a full disk) and then drops output."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def write(self, text):
+        if self.error is None:
+            try:
+                return self.stream.write(text)
+            except OSError as e:
+                self._failed(e)
+        return len(text)
+
+    def flush(self):
+        if self.error is None:
+            try:
+                self.stream.flush()
+            except OSError as e:
+                self._failed(e)
+
+    def _failed(self, error):
+        self.error = error
+        _quiet_stdout()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 def _quiet_stdout():
@@ -183,7 +231,8 @@ def atomic_write_all(files: dict) -> list[Path]:
     """atomic_write for several files that belong together: every one is written in full and
     fsynced first (so a full disk or a denied permission replaces none of them, and a power cut
     after the renames cannot leave an empty file under a final name), then all are renamed in
-    order with the stop signals held back, and the folders are fsynced so the renames last too."""
+    order, with the stop signals held back and the folders locked against another writer doing
+    the same, and the folders are fsynced so that the renames last too."""
     temps = {Path(p): Path(p).with_name(f".{Path(p).name}.{os.getpid()}.{secrets.token_hex(4)}.tmp") for p in files}
     try:
         for tmp, data in zip(temps.values(), files.values()):
@@ -194,17 +243,37 @@ def atomic_write_all(files: dict) -> list[Path]:
                     f.write(data.encode() if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())
-        with interrupts_deferred() as caught:
+        folders = sorted({path.parent.resolve() for path in temps})
+        with interrupts_deferred() as caught, contextlib.ExitStack() as locks:
+            for folder in folders:  # in a fixed order, so that two writers cannot wait on each other
+                locks.enter_context(_locked(folder))
             for path, tmp in temps.items():
                 os.replace(tmp, path)
-            for folder in {path.parent for path in temps}:
+            for folder in folders:
                 fsync_folder(folder)
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-    if caught:  # a stop signal came during the renames, which all happened: act on it now
-        raise Stopped(caught[0])
+    for signum in caught[:1]:  # a stop signal came during the renames, which all happened: act on it now
+        signal.raise_signal(signum)
     return list(temps)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on the folder itself (flock), held by one writer at a time; it leaves no
+    lock file behind. Where folders cannot be locked (not POSIX), writers go unlocked."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def fsync_folder(folder):

@@ -366,10 +366,15 @@ def _refuse_binary(raw: bytes, path: Path) -> None:
         if raw.startswith(magic):
             raise DataError(f"{path} is not a text file of messages: it is {what}; {fix}")
     # Text has no NUL bytes; binary files almost always do (and so does UTF-16 without a BOM).
-    if b"\0" in raw:
-        raise DataError(f"{path} is not a text file of messages: it holds NUL bytes (binary data, or "
-                        f"UTF-16 without a byte-order mark); pass the {SMS_MEMBER} text file, or save "
-                        "your data as UTF-8 text")
+    nuls = raw.count(b"\0")
+    if nuls:
+        line = len(_LINE_BREAK_BYTES.split(raw[:raw.index(b"\0")]))
+        if nuls <= 3:  # a text file with a stray byte: say where, so that it can be fixed
+            raise DataError(f"{path}, line {line}: a NUL byte (\\0), which text never holds; delete it there "
+                            "(or save the file again as UTF-8 text)")
+        raise DataError(f"{path} is not a text file of messages: it holds {nuls:,} NUL bytes, the first on line "
+                        f"{line} (binary data, or UTF-16 without a byte-order mark); pass the {SMS_MEMBER} text "
+                        "file, or save your data as UTF-8 text")
 
 
 def _decode(raw: bytes, path: Path, notes: list[str]) -> str:

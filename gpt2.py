@@ -18,6 +18,7 @@ import cli
 if __name__ == "__main__":
     cli.exit_on_signals_while_importing("gpt2.py")  # torch takes about 2 s to import
 
+import hashlib
 import json
 import math
 import mmap
@@ -340,7 +341,11 @@ def read_config(model_dir) -> GPTConfig:
 
 def read_checkpoint(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
     """The folder's weights with OpenAI's names (no "model/" scope), and which file they came from."""
-    if (model_dir / "checkpoint").exists() or list(model_dir.glob("*.index")):
+    has_tf = (model_dir / "checkpoint").exists() or any(model_dir.glob("*.index"))
+    if has_tf and (model_dir / "model.safetensors").exists():  # which weights were meant? Never guess
+        raise CheckpointError(f"{model_dir} holds both OpenAI's checkpoint files and a model.safetensors, which "
+                              "may be different weights; move one of them to a folder of its own")
+    if has_tf:
         tensors = formats.read_tf_checkpoint(model_dir)
         return {k.removeprefix("model/"): v for k, v in tensors.items()}, "TensorFlow checkpoint"
     if (model_dir / "model.safetensors").exists():
@@ -368,7 +373,8 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     Built on the meta device (no memory, no random init), then the checkpoint's tensors become its
     parameters: float32 ones as views of the memory-mapped file, so loading copies nothing. dtype is
     that of the big matrices (see cast_matmuls); bfloat16 ones are cast once, here, tensor by tensor,
-    and the residual stream stays float32."""
+    and the residual stream stays float32. model.weights_fingerprint identifies the weights (see
+    weights_fingerprint)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model folder {model_dir} does not exist; check --model-dir")
@@ -379,7 +385,7 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     with torch.device("meta"):
         model = GPTModel(cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state = {}
+    state, fingerprint = {}, hashlib.sha256()
     for ckpt, names, conv in table:
         if tensors[ckpt].dtype.kind != "f":
             raise CheckpointError(f"{model_dir}: tensor {ckpt} holds {tensors[ckpt].dtype}, not floating-point weights")
@@ -394,6 +400,7 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
                     f"{model_dir}: tensor {ckpt} of shape {tuple(tensors[ckpt].shape)} does not fit {name} "
                     f"{shapes[name]} (config: n_embd={cfg.emb_dim}, n_vocab={cfg.vocab_size}, "
                     f"n_ctx={cfg.context_length})")
+            _add_to_fingerprint(fingerprint, name, part)
             if dtype == torch.float32:
                 state[name] = part.float()  # a view of the file when it holds float32: no copy
             else:  # c_attn, c_proj, c_fc (the matmuls) and wte in dtype (see cast_matmuls); copies, so
@@ -404,7 +411,20 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     state["out_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters: tie them again
+    model.weights_fingerprint = fingerprint.hexdigest()[:32]
     return model.to(device).eval()
+
+
+FINGERPRINT_SAMPLES = 512  # values per tensor
+
+
+def _add_to_fingerprint(digest, name: str, t: torch.Tensor):
+    """Hash a tensor's name, shape and a fixed, strided sample of its values as float32: the same for
+    OpenAI's and Hugging Face's files of one model (it is taken after the name table) and for either
+    --precision (it is taken before any cast), and about a millisecond for all of 124M."""
+    flat = torch.arange(0, t.numel(), max(1, t.numel() // FINGERPRINT_SAMPLES))[:FINGERPRINT_SAMPLES]
+    sample = t[torch.unravel_index(flat, t.shape)].float()  # gathered: t may be a transposed view
+    digest.update(f"{name}{tuple(t.shape)}".encode() + sample.numpy().astype("<f4").tobytes())
 
 
 def _check_names(expected: set, found, where: str, n_layers: int):
@@ -581,7 +601,7 @@ def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> P
     size = resolve_size(size)
     if source not in ("openai", "hf"):
         raise ValueError(f"unknown weights source {source!r}; choose openai or hf")
-    folder = Path(cache_dir or cli.default_cache_dir()) / ("gpt2" if source == "openai" else "gpt2-hf") / size
+    folder = download_folder(size, cache_dir, source)
     all_files = OPENAI_FILES if source == "openai" else HF_FILES
     for name in files or all_files:
         if (folder / name).exists():  # a file only gets its final name once it is complete and checked
@@ -600,6 +620,11 @@ def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> P
             raise cli.DownloadError(f"{e}. Without internet, point --model-dir at a local copy of the model folder "
                                 f"({', '.join(all_files)})") from None
     return folder
+
+
+def download_folder(size="124M", cache_dir=None, source="openai") -> Path:
+    """Where download_gpt2 keeps one size (nothing is fetched here)."""
+    return Path(cache_dir or cli.default_cache_dir()) / ("gpt2" if source == "openai" else "gpt2-hf") / size
 
 
 def model_folder(size="124M", model_dir=None, cache_dir=None, source="openai") -> Path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,9 @@ def parse_targets(targets) -> tuple[str, ...] | None:
         raise ValueError("LoRA targets are empty; use all, attn, mlp or layer names like W_query,W_value")
     if "all" in names:
         return None
+    if any(name == "out_head" or name.endswith(".out_head") for name in names):
+        raise ValueError("LoRA target out_head: the output head is replaced by the new classification head, "
+                         "which trains in full; choose among all, attn, mlp or layer names like W_query,W_value")
     expanded = []
     for name in names:
         for layer in TARGET_GROUPS.get(name, (name,)):
@@ -142,8 +146,10 @@ def replace_linear_with_lora(model: nn.Module, rank, alpha, dropout=0.0, targets
     matched = set()
 
     def wanted(full_name):
+        if full_name.rsplit(".", 1)[-1] == "out_head":  # replaced by build_classifier's new head
+            return False
         if names is None:
-            return full_name.rsplit(".", 1)[-1] != "out_head"
+            return True
         hits = [t for t in names if full_name == t or full_name.endswith("." + t)]
         matched.update(hits)
         return bool(hits)
@@ -336,13 +342,7 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}; train one with python train.py --out {path}")
-    with open(path, "rb") as f:
-        start = f.read(9)
-    # a torch.save zip, or a raw pickle; a safetensors header (its JSON at byte 8) may also start
-    # with 0x80, when its length is 128 modulo 256
-    if start[8:9] != b"{" and (start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"):
-        raise ValueError(f"{path} is an adapter of the old pickle format, which is never loaded (it could "
-                         "run code); retrain with python train.py to get a .safetensors adapter")
+    _refuse_pickle(path)
     try:
         arrays, header = formats.read_safetensors(path, with_metadata=True)
         if header.get("format") != ADAPTER_FORMAT:
@@ -350,13 +350,55 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
         if header.get("version") != str(ADAPTER_VERSION):
             raise ValueError(f"it has adapter format version {header.get('version')}; "
                              f"this code reads {ADAPTER_VERSION}")
-        meta = {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
+        meta = {k: _json_value(k, v) for k, v in header.items() if k not in ("format", "version")}
+        not_float = [f"{name} ({a.dtype})" for name, a in arrays.items() if a.dtype.kind != "f"]
+        if not_float:  # weights are never silently cast from integers or booleans
+            raise ValueError(f"tensor {cli.listing(not_float, 2)} holds no floating-point weights")
     except (formats.CheckpointError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable adapter file ({str(e).removeprefix(str(path) + ': ')})") from None
     tensors = {name: torch.from_numpy(np.array(a, np.float32)) for name, a in arrays.items()}
     if any(not torch.isfinite(t).all() for t in tensors.values()):
         raise ValueError(f"{path} holds NaN or infinite weights; retrain it")
     return check_adapter_meta(meta, path), tensors
+
+
+def is_adapter(path) -> bool:
+    """Whether path is a file that train.py wrote (by its header alone; its tensors are not read)."""
+    try:
+        return formats.read_safetensors_header(path)[1].get("format") == ADAPTER_FORMAT
+    except (formats.CheckpointError, OSError):
+        return False
+
+
+def _json_value(key: str, text: str):
+    """One metadata value: JSON for the keys train.py writes; a key this code does not know (from a
+    newer version, or added by hand) is kept as it is, JSON or not."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        if key in ADAPTER_SCHEMA or key == "base_fingerprint":
+            raise ValueError(f"metadata {key} is not JSON ({str(e)[:60]})") from None
+        return text
+
+
+def _refuse_pickle(path: Path):
+    """The old adapter format was a torch.save pickle, which is never loaded (it could run code)."""
+    with open(path, "rb") as f:
+        start = f.read(9)
+    # a safetensors header (its JSON at byte 8) may also start with 0x80, when its length is 128 modulo 256
+    old = start[:1] == b"\x80" and start[8:9] != b"{"  # a raw pickle
+    if start.startswith(b"PK\x03\x04") and start[8:9] != b"{":  # a zip: torch.save's holds .../data.pkl
+        try:
+            with zipfile.ZipFile(path) as zf:
+                old = any(name.endswith("data.pkl") for name in zf.namelist())
+        except (zipfile.BadZipFile, OSError, EOFError):
+            old = False
+        if not old:
+            raise ValueError(f"{path} is a zip archive, not an adapter; pass the .safetensors file that "
+                             "train.py wrote")
+    if old:
+        raise ValueError(f"{path} is an adapter of the old pickle format, which is never loaded (it could "
+                         "run code); retrain with python train.py to get a .safetensors adapter")
 
 
 def load_adapter(model: nn.Module, path, adapter=None) -> dict:

@@ -43,18 +43,9 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu", 
             hint = f" ({old} is of the old pickle format, which is no longer read)"
         raise FileNotFoundError(f"no trained adapter at {adapter_path} — run python train.py first{hint}")
     meta, tensors = lora.read_adapter(adapter_path)
-    if model_dir is None and isinstance(meta.get("model_dir"), str) and Path(meta["model_dir"]).is_dir():
-        model_dir = meta["model_dir"]  # the folder it was trained on, if it is still there
-    source = meta.get("weights_source") if meta.get("weights_source") in ("openai", "hf") else "openai"
-    size = meta.get("model", "124M")
-    if model_dir is None and not isinstance(size, str):
-        raise ValueError(f"{adapter_path}: adapter metadata model is {size!r:.40}, not a GPT-2 size; give --model-dir")
-    folder = gpt2.model_folder(size, model_dir, cache_dir, source)
+    folder = base_model_folder(adapter_path, meta, model_dir, cache_dir)
     model, tokenizer = gpt2.load_model_and_tokenizer(folder, device=device)  # float32: merged in full precision
-    trained_on = {k: meta["config"][k] for k in gpt2.CONFIG_BOUNDS}
-    if trained_on != {k: getattr(model.cfg, k) for k in gpt2.CONFIG_BOUNDS}:
-        raise ValueError(f"{adapter_path} was trained on another base model ({trained_on}); {folder} holds "
-                         f"{model.cfg}. Point --model-dir at the model it was trained on")
+    check_base_model(adapter_path, meta, model, folder)
     if meta["max_length"] > model.cfg.context_length:
         raise ValueError(f"{adapter_path}: max_length {meta['max_length']} exceeds the model's context")
     lora.build_classifier(model, len(meta["labels"]), meta["rank"], meta["alpha"], meta["dropout"],
@@ -64,6 +55,46 @@ def load_classifier(adapter_path, model_dir=None, cache_dir=None, device="cpu", 
     if precision == "bf16":  # cast once, after the merge was formed in float32
         gpt2.cast_matmuls(model, torch.bfloat16)
     return model.requires_grad_(False).eval(), tokenizer, meta
+
+
+def base_model_folder(adapter_path, meta, model_dir=None, cache_dir=None) -> Path:
+    """--model-dir, else the folder the adapter was trained on; a download only where training
+    downloaded it too, never in place of a local folder that is gone."""
+    recorded = meta.get("model_dir") if isinstance(meta.get("model_dir"), str) else None
+    source = meta.get("weights_source") if meta.get("weights_source") in ("openai", "hf") else "openai"
+    size = meta.get("model", "124M")
+    if model_dir is None and recorded and Path(recorded).is_dir():
+        model_dir = recorded
+    elif model_dir is None and recorded and not _was_downloaded(meta, recorded):
+        raise ValueError(f"{adapter_path} was trained on the model in {recorded}, which is gone; "
+                         "pass --model-dir with that model's folder")
+    if model_dir is None and not isinstance(size, str):
+        raise ValueError(f"{adapter_path}: adapter metadata model is {size!r:.40}, not a GPT-2 size; give --model-dir")
+    return gpt2.model_folder(size, model_dir, cache_dir, source)
+
+
+def _was_downloaded(meta, recorded: str) -> bool:
+    if "downloaded" in meta:
+        return meta["downloaded"] is True
+    # adapters written before "downloaded" was recorded: the cache's own folder names
+    return Path(recorded).parent.name in ("gpt2", "gpt2-hf") and Path(recorded).name == meta.get("model")
+
+
+def check_base_model(adapter_path, meta, model, folder):
+    """The base weights must be the ones the adapter was trained on: the same shape, and (for adapters
+    that record it) the same fingerprint of the weights' values."""
+    trained_on = {k: meta["config"][k] for k in gpt2.CONFIG_BOUNDS}
+    if trained_on != {k: getattr(model.cfg, k) for k in gpt2.CONFIG_BOUNDS}:
+        raise ValueError(f"{adapter_path} was trained on another base model ({trained_on}); {folder} holds "
+                         f"{model.cfg}. Point --model-dir at the model it was trained on")
+    expected = meta.get("base_fingerprint")
+    if expected is None:
+        print(f"note: {adapter_path} does not record which base weights it was trained on (it predates that "
+              "check), so they cannot be checked", file=sys.stderr)
+    elif expected != model.weights_fingerprint:
+        raise ValueError(f"{adapter_path} was trained on base weights with fingerprint {expected}, but {folder} "
+                         f"holds weights with fingerprint {model.weights_fingerprint}; point --model-dir at the "
+                         "model it was trained on")
 
 
 @torch.inference_mode()
@@ -90,6 +121,9 @@ def read_texts(args_texts, literal, stdin) -> list[str]:
     texts = []
     for arg in args_texts:
         if arg == "-":
+            if stdin is None or stdin.closed:
+                raise ValueError('stdin is closed, so "-" has nothing to read; pipe messages in or give them '
+                                 "as arguments")
             lines = stdin.buffer.read().decode("utf-8", errors="replace").split("\n")
             lines = [line.removesuffix("\r") for line in (lines[:-1] if lines[-1] == "" else lines)]
             if not lines:

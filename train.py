@@ -20,6 +20,7 @@ if __name__ == "__main__":
     cli.exit_on_signals_while_importing("train.py", "interrupted; nothing was saved")  # torch takes ~2 s
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -31,10 +32,12 @@ from dataclasses import asdict
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 import data
+import formats
 import gpt2
 import lora
 
@@ -60,7 +63,7 @@ def train_step(model, optimizer, input_ids, last_index, labels, precision="fp32"
 def train_epoch(model, loader, optimizer, device, epoch, log_every, precision="fp32", clock=None):
     """One pass over the training data; returns (average loss, accuracy, [(batch, loss) logged]).
 
-    clock: (start time, batches done before this epoch, batches in the whole run), for the ETA."""
+    clock: the start time and batch counts that eta needs."""
     model.train()
     total_loss, correct, seen, logged = 0.0, 0, 0, []
     for batch, (input_ids, last_index, labels) in enumerate(loader):
@@ -75,24 +78,30 @@ def train_epoch(model, loader, optimizer, device, epoch, log_every, precision="f
         seen += len(labels)
         if batch % log_every == 0:
             logged.append((batch, value))
-            print(f"Epoch {epoch} | Batch {batch}/{len(loader)} | Loss: {value:.4f}{eta(clock, batch + 1)}", flush=True)
+            print(f"Epoch {epoch} | Batch {batch}/{len(loader)} | Loss: {value:.4f}{eta(clock, batch + 1)}",
+                  flush=True)
     return total_loss / seen, correct / seen, logged
 
 
-def fit(model, loaders, args, device, precision):
+def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=None):
     """Train for args.epochs; keep the adapter of the best (lowest validation loss) or last epoch.
-    Returns (history, logged batch losses as (epoch progress, loss), the kept epoch)."""
+    Returns (history, logged batch losses as (epoch progress, loss), the kept epoch).
+
+    After every epoch the whole state of the run is saved as a checkpoint beside --out, from which
+    train.py --resume continues (fingerprint: run_fingerprint's; resume_from: find_checkpoint's)."""
     # Only the trainable tensors go to the optimizer: the frozen 124M get no AdamW state at all
     # (AdamW keeps two extra tensors per parameter, which would triple the model's memory).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
-    history, curve, best, kept = [], [], math.inf, None
-    n = len(loaders["train"])
-    clock = (time.perf_counter(), 0, n * args.epochs)
-    for epoch in range(1, args.epochs + 1):
+    progress, kept = {"epoch": 0, "history": [], "curve": [], "best": math.inf}, None
+    if resume_from:
+        progress, kept = restore_checkpoint(resume_from, model, optimizer, loaders["train"])
+    history, curve, n = progress["history"], progress["curve"], len(loaders["train"])
+    clock = (time.perf_counter(), n * progress["epoch"], n * args.epochs)
+    for epoch in range(progress["epoch"] + 1, args.epochs + 1):
         start = time.perf_counter()
         avg_loss, train_acc, logged = train_epoch(model, loaders["train"], optimizer, device, epoch,
-                                                  args.log_every, precision, (clock[0], n * (epoch - 1), clock[2]))
+                                                  args.log_every, precision, (*clock, n * (epoch - 1)))
         curve += [(epoch - 1 + (batch + 1) / n, loss) for batch, loss in logged]
         labels, probs, val_loss = spam_probabilities(model, loaders["val"], device, precision)
         if not math.isfinite(val_loss):
@@ -104,11 +113,13 @@ def fit(model, loaders, args, device, precision):
                         "val_accuracy": val_acc, "seconds": seconds})
         print(f"Epoch {epoch} Finished | Avg Loss: {avg_loss:.4f} | Acc: {100 * train_acc:.2f}% | "
               f"Val Acc: {100 * val_acc:.2f}% | Time: {seconds:.2f}s", flush=True)
-        if args.keep == "last" or val_loss < best:  # a copy of what the adapter file would hold
-            best, kept = val_loss, {k: v.detach().clone() for k, v in lora.adapter_state(model).items()}
-            history[-1]["kept"] = True
-            for h in history[:-1]:
+        if args.keep == "last" or val_loss < progress["best"]:  # a copy of what the adapter file would hold
+            progress["best"], kept = val_loss, {k: v.detach().clone() for k, v in lora.adapter_state(model).items()}
+            for h in history:
                 h.pop("kept", None)
+            history[-1]["kept"] = True
+        progress["epoch"] = epoch
+        write_checkpoint(args, fingerprint, model, optimizer, loaders["train"], progress, kept)
     with torch.no_grad():
         for name, param in lora.adapter_state(model).items():
             param.copy_(kept[name])
@@ -118,12 +129,14 @@ def fit(model, loaders, args, device, precision):
 
 
 def eta(clock, batches_done_now) -> str:
-    """' | 0:42 left' for the whole run, from the pace of the batches so far."""
+    """' | 0:42 left' for the whole run, from the pace of the batches run since this process started.
+
+    clock: (start time, batches done before it, batches in the whole run, batches before this epoch)."""
     if clock is None:
         return ""
-    start, done_before, total = clock
+    start, done_at_start, total, done_before = clock
     done = done_before + batches_done_now
-    left = (time.perf_counter() - start) / done * (total - done)
+    left = (time.perf_counter() - start) / (done - done_at_start) * (total - done)
     return f" | {int(left // 60)}:{int(left % 60):02d} left"
 
 
@@ -143,7 +156,8 @@ def spam_probabilities(model, loader, device, precision="fp32", name=None):
         probs += torch.softmax(logits, dim=-1)[:, 1].tolist()
         labels += y.tolist()
         if name and batch % 50 == 0:  # a large split (4,080 unused messages) shows its progress
-            print(f"Evaluating {name} | Batch {batch}/{len(loader)}{eta((started, 0, len(loader)), batch)}", flush=True)
+            print(f"Evaluating {name} | Batch {batch}/{len(loader)}{eta((started, 0, len(loader), 0), batch)}",
+                  flush=True)
     return labels, probs, loss_sum / max(len(labels), 1)
 
 
@@ -212,16 +226,22 @@ def roc_auc(labels, probs) -> float | None:
 def run(args):
     device = cli.pick_device(args.device)
     check_device(args, device)
-    model, folder, loaders, precision = build(args, device)
-    history, curve, kept_epoch = fit(model, loaders, args, device, precision)
+    resume_from = find_checkpoint(args)  # before anything loads: a stopped run is never overwritten
+    model, folder, loaders, precision = build(args, device, resume_from)
+    fingerprint = run_fingerprint(args, loaders, model, precision)
+    if resume_from:
+        check_checkpoint(resume_from, fingerprint)
+    history, curve, kept_epoch = fit(model, loaders, args, device, precision, fingerprint, resume_from)
     metrics = evaluate(model, loaders, args, device, precision)
     save(model, folder, loaders, args, precision, {"history": history, "kept_epoch": kept_epoch, **metrics}, curve)
 
 
-def build(args, device):
+def build(args, device, resume_from=None):
     """The model, its tokenizer, the data loaders and the precision: everything before training."""
     torch.manual_seed(args.seed)  # LoRA's A and the new head are the only random initialisations
     precision, why = cli.choose_precision(args.precision, device)
+    if resume_from and args.precision == "auto":  # the precision of the run that stopped, not a new probe
+        precision, why = resume_from[0]["fingerprint"]["precision"], "as in the run that is resumed"
     messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))  # a --data typo first
     for note in notes:
         print(note, file=sys.stderr)
@@ -247,7 +267,7 @@ def build(args, device):
     print(model.trf_blocks[0])
     lora.build_classifier(model, len(data.LABELS), args.rank, args.alpha, args.lora_dropout, targets=args.targets)
     model.gradient_checkpointing = args.gradient_checkpointing
-    check_out(Path(args.out), need=4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24)
+    check_out(args, need=4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24)
     print("\nModel after LoRA:")
     print(model.trf_blocks[0])
     lora.print_trainable_parameters(model, skip=("out_head",))  # the counts before the new head
@@ -258,14 +278,16 @@ def build(args, device):
 
 
 def save(model, folder, loaders, args, precision, metrics, curve):
-    """The adapter, its metrics and its curves, all with one run id: each is written in full to a
-    temporary file first, then the three are renamed into place with Ctrl-C held back, so a full
-    disk replaces nothing and a reader never finds a new adapter beside another run's metrics."""
+    """The adapter, its metrics and its curves, all with one run id: each is written in full and
+    fsynced first, then the three are renamed into place together (stop signals held back, the
+    folder locked against another run), so a full disk or a kill replaces nothing and a reader
+    never finds a new adapter beside another run's metrics. Then the checkpoint goes."""
     out = Path(args.out)
     run_id = secrets.token_hex(8)
     # the size name predict.py would download if the folder is gone; from the folder's own shape
     size = next((name for name, cfg in gpt2.GPT2_SIZES.items() if cfg == model.cfg), args.model)
-    meta = {"model": size, "model_dir": str(folder.resolve()), "weights_source": args.weights_source,
+    meta = {"model": size, "model_dir": str(folder.resolve()), "downloaded": args.model_dir is None,
+            "weights_source": args.weights_source, "base_fingerprint": model.weights_fingerprint,
             "config": {k: v for k, v in asdict(model.cfg).items() if k in gpt2.CONFIG_BOUNDS},
             "targets": list(args.targets) if args.targets else "all", "max_length": loaders["train"].dataset.max_length,
             "labels": list(data.LABELS), "threshold": args.threshold, "precision": precision, "seed": args.seed,
@@ -277,20 +299,142 @@ def save(model, folder, loaders, args, precision, metrics, curve):
              out: lora.adapter_writer(model, meta, out)}  # only A, B and the head: 10.6 MB for rank 16 on 124M
     with cli.interrupts_deferred() as interrupted:
         cli.atomic_write_all(files)
+        checkpoint_path(args).unlink(missing_ok=True)  # the run is complete: nothing to resume
+        cli.fsync_folder(out.parent)
     print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB), metrics to {out}.metrics.json "
           f"and curves to {out}.curves.svg")
     if interrupted:
         sys.stderr.write("train.py: interrupted just as the adapter was being saved; it was saved\n")
-        sys.exit(130)
+        sys.exit(128 + interrupted[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# 3b. Checkpoints: a stopped run continues with --resume, exactly as if it had never stopped
+#
+# One safetensors file beside --out, rewritten (atomically, durably) after every epoch: the LoRA
+# and head weights, AdamW's moments, the random states (dropout, the batch order), the kept
+# adapter and the history so far, and a fingerprint of what must not change between the two
+# runs: the data split, the base weights and every argument that changes the numbers.
+
+CHECKPOINT_FORMAT = "gpt2-lora-checkpoint"
+# Arguments that may differ on --resume: they change where files are or what is printed, not the numbers
+FREE_ARGS = {"epochs", "log_every", "eval_unused", "device", "resume", "gradient_checkpointing", "out",
+             "data", "model_dir", "cache_dir", "model", "weights_source", "precision"}
+
+
+def checkpoint_path(args) -> Path:
+    return Path(args.out).with_name(Path(args.out).name + ".checkpoint")
+
+
+def run_fingerprint(args, loaders, model, precision) -> dict:
+    """What a checkpoint must match: the arguments that change the numbers, the split, the base."""
+    digest = hashlib.sha256()
+    for name in ("train", "val", "test"):
+        dataset = loaders[name].dataset
+        digest.update(json.dumps([name, dataset.encoded, dataset.labels]).encode())
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in FREE_ARGS}
+    return {**values, "precision": precision, "data split": digest.hexdigest()[:32],
+            "base weights": model.weights_fingerprint}
+
+
+def _batch_order(loader) -> torch.Generator:
+    """The generator that draws the training batches' order (bucketed or not)."""
+    return getattr(loader.batch_sampler, "generator", None) or loader.generator
+
+
+def write_checkpoint(args, fingerprint, model, optimizer, loader, progress, kept):
+    tensors = {f"adapter/{k}": v for k, v in lora.adapter_state(model).items()}
+    tensors.update({f"kept/{k}": v for k, v in kept.items()})
+    for i, state in optimizer.state_dict()["state"].items():
+        tensors.update({f"adam/{i}/{k}": v for k, v in state.items()})  # step, exp_avg, exp_avg_sq
+    tensors["rng/torch"], tensors["rng/batches"] = torch.get_rng_state(), _batch_order(loader).get_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng/cuda/{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"format": CHECKPOINT_FORMAT, "progress": json.dumps(progress),
+            "fingerprint": json.dumps(fingerprint)}
+    arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+    cli.atomic_write(checkpoint_path(args), formats.safetensors_writer(arrays, metadata=meta))
+    print(f"Saved a checkpoint of epoch {progress['epoch']} to {checkpoint_path(args)} (if this run stops, "
+          "continue it: the same command with --resume)", flush=True)
+
+
+def find_checkpoint(args):
+    """With --resume: the checkpoint's (metadata, tensors); without: None, after making sure that no
+    stopped run's checkpoint would be overwritten."""
+    path = checkpoint_path(args)
+    if not args.resume:
+        if path.exists():
+            raise ValueError(f"a stopped run left a checkpoint at {path}; continue it with the same command and "
+                             "--resume, or delete that file to start over")
+        return None
+    if not path.is_file():
+        raise ValueError(f"--resume: there is no checkpoint at {path} (it is written after each epoch and removed "
+                         "once the adapter is saved); run without --resume")
+    try:
+        arrays, meta = formats.read_safetensors(path, with_metadata=True)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError("not a checkpoint written by train.py")
+        meta = {"progress": json.loads(meta["progress"]), "fingerprint": json.loads(meta["fingerprint"])}
+    except (formats.CheckpointError, ValueError, KeyError, RecursionError) as e:
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({str(e)[:100]}); delete it to start "
+                         "over") from None
+    if meta["progress"]["epoch"] > args.epochs:
+        raise ValueError(f"--resume: the checkpoint has {meta['progress']['epoch']} epochs done, more than "
+                         f"--epochs {args.epochs}; ask for at least that many")
+    return meta, {k: torch.from_numpy(np.array(a)) for k, a in arrays.items()}
+
+
+def check_checkpoint(checkpoint, fingerprint: dict):
+    """Refuse a checkpoint of another run, saying what differs."""
+    saved = checkpoint[0]["fingerprint"]
+    differ = [f"{k} {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in fingerprint.items() if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"--resume: the checkpoint {'; '.join(differ[:3])}; run the command the checkpoint was made "
+                         "with, or delete the checkpoint to start over")
+
+
+def restore_checkpoint(checkpoint, model, optimizer, loader):
+    """Put the model, AdamW and the random states back as they were; return (progress, kept)."""
+    tensors, progress = checkpoint[1], checkpoint[0]["progress"]
+    progress["best"] = float(progress["best"])  # JSON's Infinity while no epoch was kept
+    with torch.no_grad():
+        for name, param in lora.adapter_state(model).items():
+            param.copy_(tensors[f"adapter/{name}"])
+    state = optimizer.state_dict()
+    state["state"] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam/"):
+            _, i, name = key.split("/")
+            state["state"].setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict(state)
+    torch.set_rng_state(tensors["rng/torch"])
+    _batch_order(loader).set_state(tensors["rng/batches"])
+    if torch.cuda.is_available() and "rng/cuda/0" in tensors:
+        torch.cuda.set_rng_state_all([tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count())])
+    kept = {k.removeprefix("kept/"): v for k, v in tensors.items() if k.startswith("kept/")}
+    progress["curve"] = [tuple(point) for point in progress["curve"]]
+    print(f"Resumed a stopped run after its epoch {progress['epoch']}", flush=True)
+    return progress, kept
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. The command line, every argument checked before anything loads
 
 def main(argv=None):
-    cli.run_cli(lambda: run(parse_args(argv)), "train.py", expected=(data.DataError,),
-                 interrupted="interrupted; nothing was saved (an existing adapter is untouched)",
-                 memory_tip="try a smaller --batch-size or model, or --gradient-checkpointing if it is off")
+    args = None
+
+    def command():
+        nonlocal args
+        args = parse_args(argv)
+        run(args)
+
+    def interrupted():  # what a stop leaves behind
+        if args is not None and checkpoint_path(args).is_file():
+            return (f"interrupted; the adapter was not saved, but {checkpoint_path(args)} holds the run up to its "
+                    "last finished epoch: the same command with --resume continues it")
+        return "interrupted; nothing was saved (an existing adapter is untouched)"
+    cli.run_cli(command, "train.py", expected=(data.DataError,), interrupted=interrupted, finish_without_stdout=True,
+                memory_tip="try a smaller --batch-size or model, or --gradient-checkpointing if it is off")
 
 
 def parse_args(argv=None):
@@ -326,6 +470,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-unused", action="store_true",
                    help="also report the false-positive rate on the ham messages left out by balancing")
     p.add_argument("--log-every", type=int, default=10, help="print the loss every this many batches")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run from the checkpoint beside --out (written after every epoch)")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -352,21 +498,26 @@ def check_args(p, args):
         lora.check_lora_hparams(args.rank, args.alpha, args.lora_dropout)
         args.targets = lora.parse_targets(args.targets)
         args.model = gpt2.resolve_size(args.model)
-        check_out(Path(args.out))
+        check_out(args)
     except ValueError as e:
         p.error(str(e))
     if args.alpha == int(args.alpha):
         args.alpha = int(args.alpha)  # 16, not 16.0, in the printout and the adapter file
 
 
-def check_out(out: Path, need=64 * 2**20):
-    """--out must be a regular file we can create beside, on a disk with `need` bytes free: found
-    now, not after the whole training (build checks again once the adapter's size is known)."""
+def check_out(args, need=64 * 2**20):
+    """--out must be a new file or an earlier adapter, never one of this run's inputs, in a folder we
+    can write on a disk with `need` bytes free: found now, not after the whole training (build checks
+    again once the adapter's size is known)."""
+    if not args.out.strip():
+        raise ValueError(f"--out is empty; give a file name such as {DEFAULT_OUT}")
+    out = Path(args.out)
     folder = out.parent
     if out.is_dir() or (out.exists() and not out.is_file()):
         raise ValueError(f"--out {out} is a folder or a device; give a file name such as {DEFAULT_OUT}")
     if not folder.is_dir():
         raise ValueError(f"--out {out}: folder {folder} does not exist; create it or choose another --out")
+    check_not_an_input(args, out)
     probe = folder / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.probe"
     try:
         probe.open("xb").close()
@@ -376,6 +527,23 @@ def check_out(out: Path, need=64 * 2**20):
     if shutil.disk_usage(folder).free < need:
         raise ValueError(f"--out {out}: less than {need / 1e6:,.0f} MB free in {folder} (the adapter and its "
                          "metrics need that); free some space or choose another --out")
+
+
+def check_not_an_input(args, out: Path):
+    """None of the files train.py writes may be the data file or lie in the model folder, and --out
+    may replace an earlier adapter, but no other file."""
+    model_dir = Path(args.model_dir) if args.model_dir else gpt2.download_folder(args.model, args.cache_dir,
+                                                                                   args.weights_source)
+    data_file = Path(args.data) / data.SMS_MEMBER if args.data and Path(args.data).is_dir() else args.data
+    for path in (out, *(out.with_name(out.name + suffix) for suffix in (".metrics.json", ".curves.svg",
+                                                                        ".checkpoint"))):
+        if data_file and path.resolve() == Path(data_file).resolve():
+            raise ValueError(f"--out {out} would overwrite the training data {data_file}; choose another name")
+        if model_dir.resolve() in path.resolve().parents:
+            raise ValueError(f"--out {out} would write into the model folder {model_dir}; choose a name outside it")
+    if out.exists() and not lora.is_adapter(out):
+        raise ValueError(f"--out {out} is an existing file that is not an adapter made by train.py; choose "
+                         "another name (or delete the file first)")
 
 
 def check_device(args, device):
