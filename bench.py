@@ -136,7 +136,7 @@ def make_step(model, optimizer, B, T, device, precision):
     last = torch.full((B,), T - 1, device=device)
     labels = torch.randint(0, 2, (B,), generator=gen).to(device)
     model.train()
-    return lambda: train.train_step(model, optimizer, ids, last, labels, precision)  # train.py's own step
+    return lambda: train.train_step(model, optimizer, [(ids, last, labels)], precision)  # train.py's own step
 
 
 def bench_train_step(cfg, rank, device, precision, steps, peak_runs, warmup=2, B=8, T=FIXED_T, checkpointing=False):
@@ -227,11 +227,12 @@ def epoch_splits():
 def time_epoch(model, loaders, optimizer, device, precision, batches=None):
     """Seconds of train.py's epoch (all or the first `batches` training batches, then validation)."""
     train_batches = list(itertools.islice(loaders["train"], batches))
+    args = argparse.Namespace(log_every=10**9, grad_accum=1, max_grad_norm=None)  # train.py's defaults, no log
     with contextlib.redirect_stdout(io.StringIO()):
-        train.train_epoch(model, train_batches[:1], optimizer, device, 1, 10**9, precision)  # warm-up
+        train.train_epoch(model, train_batches[:1], optimizer, device, 1, args, precision)  # warm-up
         sync(device)
         start = time.perf_counter()
-        train.train_epoch(model, train_batches, optimizer, device, 1, 10**9, precision)
+        train.train_epoch(model, train_batches, optimizer, device, 1, args, precision)
         if "val" in loaders:
             train.spam_probabilities(model, loaders["val"], device, precision)
         sync(device)

@@ -367,11 +367,46 @@ def download_file(url: str, dest, sha256=None, check=None, retries=3, timeout=(1
     dest appears only once the whole file is there: with the size the server announced, the sha256
     given (or announced by the hub), and passing check(path) (which raises ValueError when the bytes
     are wrong). A transfer whose end cannot be known (no Content-Length) must be checked by sha256.
+    A host that cannot be reached at all (no network) fails at once, without retries.
     """
+    dest = Path(dest)
+    made = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # to remove again on failure
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(url, dest, sha256, check, retries, timeout, backoff, progress)
+    finally:
+        for folder in made:  # deepest first; only those still empty: a failed download leaves no folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def fetch_all(*fetches) -> list:
+    """Call each function (each may download something) and return their results; when downloads
+    fail, every one is tried first and one DownloadError names them all (offline, a user learns in one
+    run everything to pass instead)."""
+    results, failed = [], []
+    for fetch in fetches:
+        try:
+            results.append(fetch())
+        except DownloadError as e:
+            failed.append(str(e).rstrip("."))
+    if failed:
+        raise DownloadError(". Also, ".join(failed) if len(failed) > 1 else failed[0])
+    return results
+
+
+def _unreachable(error) -> bool:
+    """Whether a connection error says the host is not there at all (no such name, nothing listening,
+    no network): trying again in a few seconds would not help."""
+    text = repr(error)
+    return any(s in text for s in ("NameResolutionError", "Failed to resolve", "Name or service not known",
+                                   "nodename nor servname", "Temporary failure in name resolution",
+                                   "Connection refused", "Network is unreachable", "No route to host"))
+
+
+def _download(url, dest: Path, sha256, check, retries, timeout, backoff, progress) -> Path:
     import requests
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part, error = dest.with_name(dest.name + ".part"), None
     for attempt in range(retries):
         if attempt:
@@ -379,6 +414,8 @@ def download_file(url: str, dest, sha256=None, check=None, retries=3, timeout=(1
         try:
             total, announced = _fetch(url, part, timeout, progress)
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            if _unreachable(e):  # offline: say so at once instead of retrying for seconds
+                raise DownloadError(f"could not download {url}: the host cannot be reached (no network?)") from None
             error = str(e) if "refused to resume" in str(e) else type(e).__name__
             continue
         size, expected = part.stat().st_size, sha256 or announced

@@ -138,11 +138,15 @@ class BucketBatchSampler(Sampler):
     Each epoch: shuffle all indices, cut them into pools of `pool` batches, sort each pool by
     length, cut it into batches, and shuffle the batches. Padding shrinks to almost nothing while
     which messages meet in a batch still changes from epoch to epoch.
+
+    labels: when given, batches of one class are mixed (see mix_classes). Spam is longer than ham,
+    so sorting by length alone puts about 50 of the 131 training batches in one class, and the
+    gradient of such a batch only says "more spam" or "more ham".
     """
 
-    def __init__(self, lengths, batch_size, generator, pool=50, shuffle=True):
+    def __init__(self, lengths, batch_size, generator, pool=50, shuffle=True, labels=None):
         self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
-        self.pool, self.shuffle = pool, shuffle
+        self.pool, self.shuffle, self.labels = pool, shuffle, labels
 
     def __iter__(self):
         if not self.shuffle:  # evaluation: simply by length
@@ -154,12 +158,43 @@ class BucketBatchSampler(Sampler):
         batches = []
         for start in range(0, len(order), size):
             chunk = sorted(order[start:start + size], key=self.lengths.__getitem__)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            pool = [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            if self.labels is not None:
+                mix_classes(pool, self.lengths, self.labels)
+            batches += pool
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[i]
 
     def __len__(self):
         return -(-len(self.lengths) // self.batch_size)
+
+
+def mix_classes(batches, lengths, labels, reach=20):
+    """Give each batch of one class a message of the other, in place: swap one of its messages with
+    one of a batch at most `reach` batches away (in length order) that holds two or more of the
+    other class, choosing the swap that adds the fewest padded tokens. Deterministic."""
+    def padded(batch):
+        return len(batch) * max(lengths[i] for i in batch)
+
+    for k, batch in enumerate(batches):
+        if len(batch) < 2 or len({labels[i] for i in batch}) > 1:
+            continue
+        best = None  # (added padded tokens, other batch, its message, this batch's message)
+        for j in range(max(0, k - reach), min(len(batches), k + reach + 1)):
+            other = [m for m in batches[j] if labels[m] != labels[batch[0]]]
+            if j == k or len(other) < 2:  # the other batch must keep a message of each class
+                continue
+            for m in other:
+                for e in (batch[0], batch[-1]):  # this batch's shortest or longest message
+                    cost = (padded([x for x in batch if x != e] + [m]) + padded([x for x in batches[j] if x != m] + [e])
+                            - padded(batch) - padded(batches[j]))
+                    if best is None or cost < best[0]:
+                        best = (cost, j, m, e)
+        if best is not None:
+            _, j, m, e = best
+            batch[batch.index(e)], batches[j][batches[j].index(m)] = m, e
+            batch.sort(key=lengths.__getitem__)
+            batches[j].sort(key=lengths.__getitem__)
 
 
 def make_loaders(splits, tokenizer, batch_size=8, seed=42, max_length=None, bucket=True,
@@ -185,7 +220,8 @@ def make_loaders(splits, tokenizer, batch_size=8, seed=42, max_length=None, buck
         generator = torch.Generator().manual_seed(seed)
         train = name == "train"
         if bucket:
-            sampler = BucketBatchSampler(dataset.lengths(), batch_size, generator, shuffle=train)
+            sampler = BucketBatchSampler(dataset.lengths(), batch_size, generator, shuffle=train,
+                                         labels=dataset.labels if train else None)
             loaders[name] = DataLoader(dataset, batch_sampler=sampler, collate_fn=pad)
         else:
             loaders[name] = DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=generator,
@@ -548,7 +584,12 @@ def tokenizer_folder(model_dir=None, cache_dir=None) -> Path:
     """--model-dir when given, else the cached 124M folder's two tokenizer files (downloaded once)."""
     if model_dir:
         return gpt2.model_folder(model_dir=model_dir)
-    return gpt2.download_gpt2("124M", cache_dir=cache_dir, files=("encoder.json", "vocab.bpe"))
+    try:
+        return gpt2.download_gpt2("124M", cache_dir=cache_dir, files=("encoder.json", "vocab.bpe"))
+    except cli.DownloadError as e:  # data.py needs the tokenizer only, not a whole model folder
+        message = str(e).split(". Without internet")[0]
+        raise cli.DownloadError(f"{message}. Without internet, pass --model-dir DIR, a folder holding GPT-2's "
+                                "encoder.json and vocab.bpe") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,10 +617,11 @@ def parse_args(argv):
 
 
 def report(args):
-    path = data_path(args.data, args.cache_dir)
+    path, folder = cli.fetch_all(lambda: data_path(args.data, args.cache_dir),
+                                 lambda: tokenizer_folder(args.model_dir, args.cache_dir))
     messages, notes = read_messages(path)
     splits = split_dataset(messages, seed=args.seed)
-    tokenizer = gpt2.load_tokenizer(tokenizer_folder(args.model_dir, args.cache_dir))
+    tokenizer = gpt2.load_tokenizer(folder)
     train = SpamDataset(splits["train"], tokenizer, max_length=args.max_length)
     n_spam = sum(label for _, label in messages)
     print(f"{path}: {len(messages):,} messages ({len(messages) - n_spam:,} ham, {n_spam:,} spam)")

@@ -3,12 +3,15 @@
 The adapter file names its base model; predict.py loads that GPT-2 (memory-mapped, no random
 init), builds the same LoRA classifier, loads the adapter, and merges the LoRA update into the
 weights (W <- W + (alpha/r) (A B)^T) so that inference costs no more than the base model.
-Messages are batched by length; a message is spam when P(spam) >= the adapter's threshold.
+Messages are batched by length; a message is spam when P(spam) >= the adapter's threshold. With
+"-", stdin is read as a stream: lines are classified as they arrive and each batch's results are
+printed at once, so predict.py works as a filter on a pipe that stays open.
 
 Usage:
     python predict.py "There is a big cash prize for you, call immediately."
     python predict.py --json "msg one" "msg two"
     cat messages.txt | python predict.py -          # one message per line
+    tail -f sms.log | python predict.py --json -    # a filter: results as lines arrive
     python predict.py -- -                          # the message "-" itself
 """
 
@@ -21,7 +24,9 @@ if __name__ == "__main__":
 
 import json
 import math
+import queue
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -114,25 +119,78 @@ def classify(model, pad_id, encoded, max_length, device, precision="fp32", batch
     return spam
 
 
-def read_texts(args_texts, literal, stdin) -> list[str]:
-    """Messages from the arguments; "-" stands for stdin, one message per line. Only "\\n" ends a
-    line (a U+2028 inside a message stays in it); bad UTF-8 is replaced. literal: the arguments
-    given after "--", taken as they are, "-" included."""
-    texts = []
+def message_groups(args_texts, literal, stdin, window, counts):
+    """Lists of (stdin line number or None, text) to classify together, in input order: the
+    arguments; "-" stands for stdin, one message per line, streamed (see stdin_windows). literal:
+    the arguments given after "--", taken as they are, "-" included."""
+    group = []
     for arg in args_texts:
-        if arg == "-":
-            if stdin is None or stdin.closed:
-                raise ValueError('stdin is closed, so "-" has nothing to read; pipe messages in or give them '
-                                 "as arguments")
-            lines = stdin.buffer.read().decode("utf-8", errors="replace").split("\n")
-            lines = [line.removesuffix("\r") for line in (lines[:-1] if lines[-1] == "" else lines)]
-            if not lines:
-                raise ValueError('no messages were given on stdin ("-"); pipe in one message per line')
-            texts += lines
-        else:
-            texts.append(arg)
+        if arg != "-":
+            group.append((None, _valid_text(arg)))
+            continue
+        if group:
+            yield group
+            group = []
+        if stdin is None or stdin.closed:
+            raise ValueError('stdin is closed, so "-" has nothing to read; pipe messages in or give them '
+                             "as arguments")
+        yield from stdin_windows(stdin.buffer, window, counts)
+        if not counts["messages"]:
+            raise ValueError('no messages were given on stdin ("-"); pipe in one message per line')
+    group += [(None, _valid_text(text)) for text in literal]
+    if group:
+        yield group
+
+
+def _valid_text(arg: str) -> str:
     # arguments the OS could not decode arrive as surrogates; make them U+FFFD instead
-    return [t.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace") for t in texts + literal]
+    return arg.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
+
+
+IDLE_WAIT = 0.05  # seconds without a new line after which what has arrived is classified
+
+
+def stdin_windows(stream, window, counts):
+    """Yield lists of (line number, text) of the non-blank lines of a binary stream as they arrive:
+    a list is full at `window` lines, or ends when no new line came for IDLE_WAIT seconds. A thread
+    reads ahead at most `window` lines, so memory stays flat for any input. Only "\\n" ends a line
+    (a U+2028 inside a message stays in it); bad UTF-8 is replaced. counts: "messages" and
+    "blank" lines seen so far."""
+    lines = queue.Queue(maxsize=window)
+    threading.Thread(target=_read_lines, args=(stream, lines), daemon=True).start()
+    batch = []
+    while True:
+        try:  # wait as long as it takes for a first line, then only IDLE_WAIT for the next
+            item = lines.get(timeout=IDLE_WAIT) if batch else lines.get()
+        except queue.Empty:
+            yield batch
+            batch = []
+            continue
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:  # the end of the input
+            break
+        n, raw = item
+        text = raw.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
+        if not text.strip():
+            counts["blank"] += 1
+            continue
+        counts["messages"] += 1
+        batch.append((n, text))
+        if len(batch) == window:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _read_lines(stream, lines):
+    try:
+        for n, raw in enumerate(iter(stream.readline, b""), start=1):
+            lines.put((n, raw))
+        lines.put(None)
+    except (OSError, ValueError) as e:
+        lines.put(e)
 
 
 def parse_args(argv):
@@ -160,32 +218,48 @@ def run(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     literal = [str(a) for a in argv[argv.index("--") + 1:]] if "--" in argv else []
     args = parse_args(argv)
-    texts = read_texts(args.messages[:len(args.messages) - len(literal)], literal, sys.stdin)
-    for n, text in enumerate(texts, start=1):
-        if not text.strip():
+    given = args.messages[:len(args.messages) - len(literal)]
+    for n, text in enumerate(given + literal, start=1):  # before the model loads
+        if not text.strip() and not (n <= len(given) and text == "-"):
             raise ValueError(f"message {n} is empty; give some text to classify")
     device = cli.pick_device(args.device)
     precision, _ = cli.choose_precision(args.precision, device)
     model, tokenizer, meta = load_classifier(args.adapter, args.model_dir, args.cache_dir, device, precision)
     max_length, labels = meta["max_length"], meta["labels"]
     threshold = meta["threshold"] if args.threshold is None else args.threshold
-    encoded = [tokenizer.encode_ordinary(t) for t in texts]
-    long = sum(len(ids) > max_length for ids in encoded)
-    if long:
-        print(f"note: {long} message(s) longer than {max_length} tokens were truncated to the first "
-              f"{max_length}, as in training", file=sys.stderr)
-    spam_probs = classify(model, tokenizer.eot_token, encoded, max_length, device, precision, args.batch_size)
-    if not all(math.isfinite(p) for p in spam_probs):  # checked before any line is printed
-        raise ValueError("the model gave no finite probability; the adapter or base model is damaged")
-    for text, p_spam in zip(texts, spam_probs):
-        label = labels[1] if p_spam >= threshold else labels[0]
-        if args.json:
-            print(json.dumps({"text": text, "label": label, "spam_probability": round(p_spam, 6),
-                              "threshold": threshold}))
-        else:
-            spam = label == labels[1]  # the confidence is the probability of the label shown
-            print(f"Text: {text!r}\nPrediction: {'SPAM' if spam else 'HAM (Normal)'} "
-                  f"(Confidence: {p_spam if spam else 1 - p_spam:.2f})\n" + "-" * 30)
+    counts = {"messages": 0, "blank": 0, "truncated": 0}
+    # Up to READ_AHEAD batches at once when lines come faster than they are classified, sorted by
+    # length inside (less padding); each group's results are printed, in input order, and flushed.
+    groups = message_groups(given, literal, sys.stdin, READ_AHEAD * args.batch_size, counts)
+    for group in groups:
+        encoded = [tokenizer.encode_ordinary(text) for _, text in group]
+        counts["truncated"] += sum(len(ids) > max_length for ids in encoded)
+        spam_probs = classify(model, tokenizer.eot_token, encoded, max_length, device, precision, args.batch_size)
+        if not all(math.isfinite(p) for p in spam_probs):  # checked before any line of the group is printed
+            raise ValueError("the model gave no finite probability; the adapter or base model is damaged")
+        for (line, text), p_spam in zip(group, spam_probs):
+            print(result_text(text, line, p_spam, threshold, labels, args.json))
+        sys.stdout.flush()
+    if counts["blank"]:
+        print(f"note: skipped {counts['blank']:,} blank line(s) on stdin", file=sys.stderr)
+    if counts["truncated"]:
+        print(f"note: {counts['truncated']:,} message(s) longer than {max_length} tokens were truncated to the "
+              f"first {max_length}, as in training", file=sys.stderr)
+
+
+READ_AHEAD = 8
+
+
+def result_text(text, line, p_spam, threshold, labels, as_json) -> str:
+    """What predict.py prints for one message: a JSON object (with its stdin line number), or three lines."""
+    label = labels[1] if p_spam >= threshold else labels[0]
+    if as_json:
+        where = {} if line is None else {"line": line}
+        return json.dumps({**where, "text": text, "label": label, "spam_probability": round(p_spam, 6),
+                           "threshold": threshold})
+    spam = label == labels[1]  # the confidence is the probability of the label shown
+    return (f"Text: {text!r}\nPrediction: {'SPAM' if spam else 'HAM (Normal)'} "
+            f"(Confidence: {p_spam if spam else 1 - p_spam:.2f})\n" + "-" * 30)
 
 
 def main(argv=None):

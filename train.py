@@ -48,39 +48,61 @@ THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the validation report shows prec
 # ----------------------------------------------------------------------------------------------
 # 1. Training: one step, one epoch, the whole fit
 
-def train_step(model, optimizer, input_ids, last_index, labels, precision="fp32"):
-    """One optimizer step on one batch; returns (loss, logits (B, 2))."""
-    with cli.autocast_for(input_ids.device, precision):
-        logits = gpt2.logits_at_last_token(model, input_ids, last_index)  # (B, 2), float32
-    loss = nn.functional.cross_entropy(logits, labels)  # the loss itself in float32
+def train_step(model, optimizer, batches, precision="fp32", max_grad_norm=None, scheduler=None):
+    """One optimizer step on one batch, or on several whose gradients add up (--grad-accum): the
+    loss is the mean over all their messages, as one batch of them all would give. Each batch is
+    (input_ids, last_index, labels); returns [(loss, logits (B, 2))] of each."""
     # set_to_none: gradients are freed between steps instead of being zeroed and kept
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total, out = sum(len(labels) for *_, labels in batches), []
+    for input_ids, last_index, labels in batches:
+        with cli.autocast_for(input_ids.device, precision):
+            logits = gpt2.logits_at_last_token(model, input_ids, last_index)  # (B, 2), float32
+        loss = nn.functional.cross_entropy(logits, labels)  # the loss itself in float32
+        (loss * (len(labels) / total)).backward()  # this batch's share of the step's mean loss
+        out.append((loss, logits))
+    if max_grad_norm is not None:  # rescale all gradients together when their norm is larger
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     optimizer.step()
-    return loss, logits
+    if scheduler is not None:
+        scheduler.step()
+    return out
 
 
-def train_epoch(model, loader, optimizer, device, epoch, log_every, precision="fp32", clock=None):
+def train_epoch(model, loader, optimizer, device, epoch, args, precision="fp32", clock=None, scheduler=None):
     """One pass over the training data; returns (average loss, accuracy, [(batch, loss) logged]).
 
     clock: the start time and batch counts that eta needs."""
     model.train()
     total_loss, correct, seen, logged = 0.0, 0, 0, []
-    for batch, (input_ids, last_index, labels) in enumerate(loader):
-        input_ids, last_index, labels = input_ids.to(device), last_index.to(device), labels.to(device)
-        loss, logits = train_step(model, optimizer, input_ids, last_index, labels, precision)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise ValueError(f"the loss became {value} in epoch {epoch}, batch {batch}; training stopped and "
-                             "nothing was saved. Try a smaller --lr")
-        total_loss += value * len(labels)  # batches differ in size: weight by messages
-        correct += (logits.argmax(-1) == labels).sum().item()
-        seen += len(labels)
-        if batch % log_every == 0:
-            logged.append((batch, value))
-            print(f"Epoch {epoch} | Batch {batch}/{len(loader)} | Loss: {value:.4f}{eta(clock, batch + 1)}",
-                  flush=True)
+    for first, batches in _steps(loader, args.grad_accum):
+        batches = [tuple(t.to(device) for t in batch) for batch in batches]
+        results = train_step(model, optimizer, batches, precision, args.max_grad_norm, scheduler)
+        for batch, (_, _, labels), (loss, logits) in zip(range(first, first + len(batches)), batches, results):
+            value = loss.item()
+            if not math.isfinite(value):
+                raise ValueError(f"the loss became {value} in epoch {epoch}, batch {batch}; training stopped and "
+                                 "nothing was saved. Try a smaller --lr")
+            total_loss += value * len(labels)  # batches differ in size: weight by messages
+            correct += (logits.argmax(-1) == labels).sum().item()
+            seen += len(labels)
+            if batch % args.log_every == 0:
+                logged.append((batch, value))
+                print(f"Epoch {epoch} | Batch {batch}/{len(loader)} | Loss: {value:.4f}{eta(clock, batch + 1)}",
+                      flush=True)
     return total_loss / seen, correct / seen, logged
+
+
+def _steps(loader, accumulate):
+    """(index of the first batch, [accumulate batches]) for each optimizer step of one epoch."""
+    group, first = [], 0
+    for i, batch in enumerate(loader):
+        group.append(batch)
+        if len(group) == accumulate:
+            yield first, group
+            group, first = [], i + 1
+    if group:  # the epoch's last, shorter step
+        yield first, group
 
 
 def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=None):
@@ -93,15 +115,23 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
     # (AdamW keeps two extra tensors per parameter, which would triple the model's memory).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
+    n, steps_per_epoch = len(loaders["train"]), -(-len(loaders["train"]) // args.grad_accum)
+    scheduler = lr_scheduler(optimizer, args, steps=steps_per_epoch * args.epochs)
     progress, kept = {"epoch": 0, "history": [], "curve": [], "best": math.inf}, None
     if resume_from:
         progress, kept = restore_checkpoint(resume_from, model, optimizer, loaders["train"])
-    history, curve, n = progress["history"], progress["curve"], len(loaders["train"])
+        if scheduler is not None:  # the learning rate where the stopped run left it
+            scheduler.last_epoch = steps = progress["epoch"] * steps_per_epoch
+            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * factor(steps)
+    history, curve = progress["history"], progress["curve"]
     clock = (time.perf_counter(), n * progress["epoch"], n * args.epochs)
     for epoch in range(progress["epoch"] + 1, args.epochs + 1):
+        if stalled(history, args.patience):
+            break
         start = time.perf_counter()
         avg_loss, train_acc, logged = train_epoch(model, loaders["train"], optimizer, device, epoch,
-                                                  args.log_every, precision, (*clock, n * (epoch - 1)))
+                                                  args, precision, (*clock, n * (epoch - 1)), scheduler)
         curve += [(epoch - 1 + (batch + 1) / n, loss) for batch, loss in logged]
         labels, probs, val_loss = spam_probabilities(model, loaders["val"], device, precision)
         if not math.isfinite(val_loss):
@@ -124,19 +154,52 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
         for name, param in lora.adapter_state(model).items():
             param.copy_(kept[name])
     kept_epoch = next(h["epoch"] for h in history if h.get("kept"))
+    if stalled(history, args.patience) and len(history) < args.epochs:
+        print(f"Stopped early: the validation loss has not improved for {args.patience} epoch(s) (--patience)")
     print(f"Kept the adapter of epoch {kept_epoch} ({'lowest validation loss' if args.keep == 'best' else 'the last'})")
     return history, curve, kept_epoch
 
 
+def lr_scheduler(optimizer, args, steps: int):
+    """The learning rate over the run's optimizer steps: a linear warm-up from 0 over --warmup-steps,
+    then constant, or decaying to 0 at the last step (linear, or a half cosine). None for the
+    course's constant rate, which then stays exactly args.lr."""
+    if args.lr_schedule == "constant" and args.warmup_steps == 0:
+        return None
+    warmup = args.warmup_steps
+
+    def factor(step):  # times args.lr, at optimizer step `step` (0, 1, ...)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        done = (step - warmup) / max(1, steps - warmup)  # 0 -> 1 over the rest of the run
+        return {"constant": 1.0, "linear": 1.0 - done, "cosine": 0.5 * (1.0 + math.cos(math.pi * done))}[
+            args.lr_schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def stalled(history, patience) -> bool:
+    """--patience: whether the last `patience` epochs all failed to beat the best validation loss."""
+    if not patience or len(history) <= patience:
+        return False
+    best = min(h["val_loss"] for h in history[:-patience])
+    return all(h["val_loss"] >= best for h in history[-patience:])
+
+
+ETA_AFTER = (5, 3.0)  # batches and seconds: a pace from fewer says little
+
+
 def eta(clock, batches_done_now) -> str:
-    """' | 0:42 left' for the whole run, from the pace of the batches run since this process started.
+    """' | 0:42 left' for the whole run, from the pace of the batches run since this process started,
+    once there are a few of them (ETA_AFTER).
 
     clock: (start time, batches done before it, batches in the whole run, batches before this epoch)."""
     if clock is None:
         return ""
     start, done_at_start, total, done_before = clock
-    done = done_before + batches_done_now
-    left = (time.perf_counter() - start) / (done - done_at_start) * (total - done)
+    done, elapsed = done_before + batches_done_now, time.perf_counter() - start
+    if done - done_at_start < ETA_AFTER[0] or elapsed < ETA_AFTER[1]:
+        return ""
+    left = elapsed / (done - done_at_start) * (total - done)
     return f" | {int(left // 60)}:{int(left % 60):02d} left"
 
 
@@ -171,9 +234,12 @@ def evaluate(model, loaders, args, device, precision) -> dict:
     for row in table:
         print(f"  {row['threshold']:>9.2f}  {row['precision']:>14.4f}  {row['recall']:>11.4f}"
               + ("   <- --threshold" if row["threshold"] == args.threshold else ""))
-    test = binary_metrics(*spam_probabilities(model, loaders["test"], device, precision)[:2], args.threshold)
+    test_labels, test_probs, _ = spam_probabilities(model, loaders["test"], device, precision)
+    test = {**binary_metrics(test_labels, test_probs, args.threshold), "roc_auc": roc_auc(test_labels, test_probs)}
     c = test["confusion"]
     print(f"\nTest Set Accuracy: {100 * test['accuracy']:.2f}%")
+    test_auc = test["roc_auc"]
+    print(f"Test ROC AUC: {test_auc:.4f}" if test_auc is not None else "Test ROC AUC: undefined (one class)")
     print(f"Spam precision: {test['precision']:.4f} | recall: {test['recall']:.4f} | F1: {test['f1']:.4f}")
     print("Confusion matrix (rows: true label, columns: predicted):")
     print(f"{'':>10}{'ham':>8}{'spam':>8}\n{'ham':>10}{c['ham_as_ham']:>8,}{c['ham_as_spam']:>8,}\n"
@@ -242,7 +308,10 @@ def build(args, device, resume_from=None):
     precision, why = cli.choose_precision(args.precision, device)
     if resume_from and args.precision == "auto":  # the precision of the run that stopped, not a new probe
         precision, why = resume_from[0]["fingerprint"]["precision"], "as in the run that is resumed"
-    messages, notes = data.read_messages(data.data_path(args.data, args.cache_dir))  # a --data typo first
+    data_file, folder = cli.fetch_all(lambda: data.data_path(args.data, args.cache_dir),
+                                      lambda: gpt2.model_folder(args.model, args.model_dir, args.cache_dir,
+                                                                args.weights_source))
+    messages, notes = data.read_messages(data_file)  # a --data typo before the model loads
     for note in notes:
         print(note, file=sys.stderr)
     splits = data.split_dataset(messages, seed=args.seed)
@@ -253,7 +322,6 @@ def build(args, device, resume_from=None):
     elif any(label for _, label in splits["unused"]):
         raise ValueError("--eval-unused measures false positives on the ham left out by balancing, but this "
                          "file has more spam than ham, so the messages left out are spam; drop --eval-unused")
-    folder = gpt2.model_folder(args.model, args.model_dir, args.cache_dir, args.weights_source)
     model, tokenizer = gpt2.load_model_and_tokenizer(
         folder, device=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     loaders = data.make_loaders(splits, tokenizer, batch_size=args.batch_size, seed=args.seed,
@@ -318,7 +386,7 @@ def save(model, folder, loaders, args, precision, metrics, curve):
 
 CHECKPOINT_FORMAT = "gpt2-lora-checkpoint"
 # Arguments that may differ on --resume: they change where files are or what is printed, not the numbers
-FREE_ARGS = {"epochs", "log_every", "eval_unused", "device", "resume", "gradient_checkpointing", "out",
+FREE_ARGS = {"log_every", "eval_unused", "device", "resume", "gradient_checkpointing", "out",
              "data", "model_dir", "cache_dir", "model", "weights_source", "precision"}
 
 
@@ -378,9 +446,6 @@ def find_checkpoint(args):
     except (formats.CheckpointError, ValueError, KeyError, RecursionError) as e:
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({str(e)[:100]}); delete it to start "
                          "over") from None
-    if meta["progress"]["epoch"] > args.epochs:
-        raise ValueError(f"--resume: the checkpoint has {meta['progress']['epoch']} epochs done, more than "
-                         f"--epochs {args.epochs}; ask for at least that many")
     return meta, {k: torch.from_numpy(np.array(a)) for k, a in arrays.items()}
 
 
@@ -448,9 +513,22 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="SMSSpamCollection, its zip, or your own .tsv/.csv "
                                                 "(default: download the official file once)")
     p.add_argument("--epochs", type=int, default=5, help="passes over the training messages")
-    p.add_argument("--batch-size", type=int, default=8, help="messages per optimizer step")
+    p.add_argument("--batch-size", type=int, default=8, help="messages per batch (one forward and backward pass)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="batches per optimizer step, their gradients summed: an effective batch of "
+                        "batch-size x grad-accum messages in the memory of one batch")
     p.add_argument("--lr", type=float, default=8e-4, help="AdamW learning rate")
+    p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
+                   help="the learning rate after the warm-up: constant, or decaying to 0 by the last step")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="optimizer steps over which the learning rate rises linearly from 0 to --lr")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradients' global norm to this before each step (off by default; "
+                        "Hugging Face's Trainer uses 1.0)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop once the validation loss has not improved for this many epochs (off by default); "
+                        "the kept epoch is still the best one")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate messages to this many tokens (default: the longest training message)")
     p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
@@ -489,6 +567,11 @@ def check_args(p, args):
         (args.max_length is None or 1 <= args.max_length <= gpt2.CONFIG_BOUNDS["context_length"],
          "--max-length must be at least 1 (and at most the model's context)"),
         (1 <= args.log_every <= 10**9, "--log-every must be at least 1"),
+        (1 <= args.grad_accum <= 65_536, "--grad-accum must be at least 1 and at most 65,536"),
+        (0 <= args.warmup_steps <= 10**9, "--warmup-steps must be 0 or more"),
+        (args.max_grad_norm is None or (math.isfinite(args.max_grad_norm) and args.max_grad_norm > 0),
+         "--max-grad-norm must be a number > 0"),
+        (args.patience is None or 1 <= args.patience <= 100_000, "--patience must be at least 1"),
         (0 <= args.seed < 2**63, "--seed must be between 0 and 2**63 - 1"),
     ]
     for ok, message in checks:
