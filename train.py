@@ -116,14 +116,10 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)
     n, steps_per_epoch = len(loaders["train"]), -(-len(loaders["train"]) // args.grad_accum)
-    scheduler = lr_scheduler(optimizer, args, steps=steps_per_epoch * args.epochs)
     progress, kept = {"epoch": 0, "history": [], "curve": [], "best": math.inf}, None
     if resume_from:
         progress, kept = restore_checkpoint(resume_from, model, optimizer, loaders["train"])
-        if scheduler is not None:  # the learning rate where the stopped run left it
-            scheduler.last_epoch = steps = progress["epoch"] * steps_per_epoch
-            for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                group["lr"] = base * factor(steps)
+    scheduler = lr_scheduler(optimizer, args, steps_per_epoch * args.epochs, done=progress["epoch"] * steps_per_epoch)
     history, curve = progress["history"], progress["curve"]
     clock = (time.perf_counter(), n * progress["epoch"], n * args.epochs)
     for epoch in range(progress["epoch"] + 1, args.epochs + 1):
@@ -160,10 +156,11 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
     return history, curve, kept_epoch
 
 
-def lr_scheduler(optimizer, args, steps: int):
-    """The learning rate over the run's optimizer steps: a linear warm-up from 0 over --warmup-steps,
-    then constant, or decaying to 0 at the last step (linear, or a half cosine). None for the
-    course's constant rate, which then stays exactly args.lr."""
+def lr_scheduler(optimizer, args, steps: int, done=0):
+    """The learning rate over the run's `steps` optimizer steps: a linear warm-up from 0 over
+    --warmup-steps, then constant, or decaying to 0 at the last step (linear, or a half cosine).
+    None for the course's constant rate, which then stays exactly args.lr. done: steps already
+    taken (by the run that --resume continues), so that the rate is where that run left it."""
     if args.lr_schedule == "constant" and args.warmup_steps == 0:
         return None
     warmup = args.warmup_steps
@@ -171,10 +168,14 @@ def lr_scheduler(optimizer, args, steps: int):
     def factor(step):  # times args.lr, at optimizer step `step` (0, 1, ...)
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        done = (step - warmup) / max(1, steps - warmup)  # 0 -> 1 over the rest of the run
-        return {"constant": 1.0, "linear": 1.0 - done, "cosine": 0.5 * (1.0 + math.cos(math.pi * done))}[
-            args.lr_schedule]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        progress = (step - warmup) / max(1, steps - warmup)  # 0 -> 1 over the rest of the run
+        return {"constant": 1.0, "linear": 1.0 - progress,
+                "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}[args.lr_schedule]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler.last_epoch = done
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor(done)
+    return scheduler
 
 
 def stalled(history, patience) -> bool:
