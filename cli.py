@@ -31,6 +31,7 @@ import re
 import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -202,6 +203,9 @@ def interrupts_deferred():
     """Hold the stop signals back while the block runs (e.g. renames that must happen together); the
     list it yields holds the signals that came meanwhile, for the caller to act on afterwards."""
     caught = []
+    if threading.current_thread() is not threading.main_thread():  # signals only ever reach the main thread
+        yield caught
+        return
     previous = {sig: signal.signal(sig, lambda signum, _: caught.append(signum)) for sig in STOP_SIGNALS}
     try:
         yield caught

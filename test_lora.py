@@ -28,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 import zipfile
@@ -346,6 +347,26 @@ def test_deeply_nested_json_in_config_or_adapter_is_one_line(tmp_path, workdir, 
     formats.write_safetensors({k: np.asarray(v) for k, v in tensors.items()}, tmp_path / "deep.safetensors", header)
     code, err = run_main(predict.main, ["--adapter", tmp_path / "deep.safetensors", "hi"], capsys)
     assert code == 2 and "not a readable adapter file" in err and one_line(err)
+
+
+def test_fingerprint_is_the_same_for_openai_and_hf_files_and_both_precisions(tmp_path):
+    cfg, tensors = tiny_cfg(), random_tensors(tiny_cfg(), seed=3)
+    gpt2.write_model_folder(tmp_path / "tf", cfg, tensors)
+    gpt2.write_model_folder(tmp_path / "hf", cfg, tensors, fmt="hf")
+    prints = {gpt2.load_gpt2(tmp_path / "tf").weights_fingerprint, gpt2.load_gpt2(tmp_path / "hf").weights_fingerprint,
+              gpt2.load_gpt2(tmp_path / "tf", dtype=torch.bfloat16).weights_fingerprint}
+    assert len(prints) == 1
+    tensors["h1/mlp/c_proj/w"][0, 0, 0] += 1.0  # one sampled value of one tensor differs
+    gpt2.write_model_folder(tmp_path / "other", cfg, tensors)
+    assert gpt2.load_gpt2(tmp_path / "other").weights_fingerprint not in prints
+
+
+def test_folder_with_both_weight_formats_is_refused(tmp_path):
+    cfg, tensors = tiny_cfg(), random_tensors(tiny_cfg())
+    gpt2.write_model_folder(tmp_path, cfg, tensors)
+    gpt2.write_model_folder(tmp_path, cfg, random_tensors(cfg, seed=9), fmt="hf")
+    with pytest.raises(formats.CheckpointError, match="both OpenAI's checkpoint files and a model.safetensors"):
+        gpt2.load_gpt2(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,8 +894,10 @@ def test_ctrl_c_while_importing_is_exit_130_and_one_line(script, tmp_path):
 
 def test_a_full_disk_while_saving_replaces_nothing(workdir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "a.safetensors"
-    for name in ("a.safetensors", "a.safetensors.metrics.json", "a.safetensors.curves.svg"):
+    lora.save_adapter(tiny_classifier(), out, ADAPTER_META)  # an earlier run's adapter, to be replaced
+    for name in ("a.safetensors.metrics.json", "a.safetensors.curves.svg"):
         (tmp_path / name).write_text("from an earlier run")
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     real_writer = lora.adapter_writer
 
     def full_disk(*args, **kwargs):  # the adapter is the last file written
@@ -887,9 +910,10 @@ def test_a_full_disk_while_saving_replaces_nothing(workdir, tmp_path, monkeypatc
     code, err = run_main(train.main, ["--model-dir", workdir / "model", "--data", workdir / "sms.txt", "--epochs", "1",
                                       "--rank", "2", "--precision", "fp32", "--out", out], capsys)
     assert code == 2 and "No space left on device" in err and one_line(err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.curves.svg",
-                                                         "a.safetensors.metrics.json"]  # no temporary file left
-    assert all(p.read_text() == "from an earlier run" for p in tmp_path.iterdir())
+    # no temporary file left; the checkpoint of the last epoch stays, so the run can be resumed once there is room
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.checkpoint",
+                                                         "a.safetensors.curves.svg", "a.safetensors.metrics.json"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in earlier} == earlier
 
 
 def test_running_out_of_memory_is_one_line_and_a_bug_is_not_hidden(capsys, monkeypatch):
@@ -909,6 +933,67 @@ def test_running_out_of_memory_is_one_line_and_a_bug_is_not_hidden(capsys, monke
     assert info.value.code == 2 and err == "x.py: error: could not download x\n"
     with pytest.raises(RuntimeError, match="some bug"):
         cli.run_cli(lambda: (_ for _ in ()).throw(RuntimeError("some bug")), "x.py")
+
+
+def test_stop_signal_during_the_renames_is_acted_on_after_all_of_them(tmp_path, monkeypatch):
+    files = {tmp_path / "a.bin": b"a", tmp_path / "b.bin": b"b"}
+    previous = signal.signal(signal.SIGTERM, cli._raise_stopped)  # as run_cli installs it
+    real_replace, renamed = os.replace, []
+
+    def replace(src, dst):
+        if not renamed:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives between the first and the second rename
+        real_replace(src, dst)
+        renamed.append(Path(dst).name)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        with pytest.raises(cli.Stopped) as stop:
+            cli.atomic_write_all(files)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.signum == signal.SIGTERM and stop.value.exit_code == 143
+    assert renamed == ["a.bin", "b.bin"] and all(p.read_bytes() == d for p, d in files.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]  # no temporary file left
+
+
+def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or real_replace(a, b))
+    cli.atomic_write_all({tmp_path / "x": b"1", tmp_path / "y": b"2"})
+    assert events == [("fsync", "file"), ("fsync", "file"), ("replace", "x"), ("replace", "y"), ("fsync", "folder")]
+
+
+def test_a_second_writer_waits_for_the_first_ones_renames(tmp_path):
+    done = threading.Event()
+    with cli._locked(tmp_path.resolve()):  # another writer is renaming its files into this folder
+        writer = threading.Thread(target=lambda: (cli.atomic_write(tmp_path / "out.bin", b"B"), done.set()))
+        writer.start()
+        assert not done.wait(0.5)  # it wrote its temporary file, but may not rename it yet
+        assert not (tmp_path / "out.bin").exists()
+    writer.join(10)
+    assert done.is_set() and (tmp_path / "out.bin").read_bytes() == b"B"
+
+
+def test_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.delenv(cli.CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert cli.default_cache_dir() == tmp_path / ".cache" / "gpt2-lora"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli.default_cache_dir() == tmp_path / "xdg" / "gpt2-lora"
+
+
+def test_no_usable_home_says_to_set_the_cache(monkeypatch):
+    monkeypatch.delenv(cli.CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")
+    with pytest.raises(ValueError, match=f"--cache-dir DIR or set {cli.CACHE_ENV}"):
+        cli.default_cache_dir()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1306,6 +1391,43 @@ def test_old_pickle_adapter_is_refused_with_a_line_saying_to_retrain(tmp_path, c
     assert code == 2 and one_line(err) and "retrain" in err
 
 
+def test_adapter_with_integer_tensors_is_refused_not_cast(tmp_path):
+    path = adapter_file(tmp_path / "a.safetensors")
+    tensors, header = formats.read_safetensors(path, with_metadata=True)
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    name = next(iter(tensors))
+    tensors[name] = tensors[name].astype(np.int64)
+    path.unlink()
+    formats.write_safetensors(tensors, path, metadata=header)
+    with pytest.raises(ValueError, match=f"tensor {re.escape(name)} \\(int64\\) holds no floating-point weights"):
+        lora.read_adapter(path)
+
+
+def test_unknown_metadata_key_that_is_not_json_is_kept_as_text(tmp_path):
+    path = adapter_file(tmp_path / "a.safetensors")
+    tensors, header = formats.read_safetensors(path, with_metadata=True)
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    path.unlink()
+    formats.write_safetensors(tensors, path, metadata={**header, "comment": "not { json"})
+    assert lora.read_adapter(path)[0]["comment"] == "not { json"
+    formats.write_safetensors(tensors, path, metadata={**header, "threshold": "0.5 or so"})
+    with pytest.raises(ValueError, match="metadata threshold is not JSON"):
+        lora.read_adapter(path)
+
+
+def test_plain_zip_named_safetensors_is_not_called_a_pickle(tmp_path):
+    path = tmp_path / "a.safetensors"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("notes.txt", "hello")
+    with pytest.raises(ValueError, match="is a zip archive, not an adapter"):
+        lora.read_adapter(path)
+
+
+def test_out_head_as_a_lora_target_is_refused_at_once():
+    with pytest.raises(ValueError, match="out_head"):
+        lora.parse_targets("W_query,out_head")
+
+
 # ----------------------------------------------------------------------------------------------
 # data.py: reading, splitting, batching, downloading, and the command line
 
@@ -1492,6 +1614,15 @@ def test_data_cli_bad_file_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "bad.txt").write_text("ham\tok\nwhat is this\n")
     code, err = run_main(data.main, ["--data", tmp_path / "bad.txt", "--model-dir", tmp_path], capsys)
     assert code == 2 and "line 2: no tab" in err and one_line(err)
+
+
+def test_a_stray_nul_byte_is_refused_with_its_line_number(tmp_path):
+    path = write_sms_file(tmp_path / "sms.tsv", synthetic_messages(8, 4))
+    lines = path.read_bytes().split(b"\n")
+    lines[6] = lines[6][:5] + b"\0" + lines[6][5:]
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(data.DataError, match=r"sms.tsv, line 7: a NUL byte"):
+        data.read_messages(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1741,7 +1872,8 @@ def test_damaged_zip_and_excel_workbook(tmp_path):
     ("SMSSpamCollection.gz", gzip.compress(b"ham\thi\nspam\twin\n"),
      "not a text file of messages: it is gzip.*decompress"),
     ("sms.png", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "not a text file of messages: it is a PNG image"),
-    ("sms.txt", b"ham\thi\0\0\nspam\twin\n", "not a text file of messages: it holds NUL bytes"),
+    ("sms.txt", b"ham\thi\0\0\nspam\twin\n", "sms.txt, line 1: a NUL byte"),
+    ("blob.txt", b"ham\tok\n" + b"\0" * 40 + b"x\n", "it holds 40 NUL bytes, the first on line 2"),
     ("sms.pdf", b"%PDF-1.4\n%\xe2\xe3\n", "not a text file of messages: it is a PDF"),
 ])
 def test_binary_files_are_refused_in_one_line(tmp_path, name, content, match):
@@ -1906,7 +2038,7 @@ def test_train_is_reproducible_for_a_seed(workdir, tmp_path):
     runs = []
     for name in ("x.pt", "y.pt"):
         result = run_script(HERE / "train.py", "--model-dir", workdir / "model", "--data", workdir / "sms.txt",
-                            "--epochs", "1", "--rank", "2", "--out", tmp_path / name)
+                            "--epochs", "1", "--rank", "2", "--precision", "fp32", "--out", tmp_path / name)
         assert result.returncode == 0, result.stderr
         runs.append(json.loads((tmp_path / f"{name}.metrics.json").read_text()))
     for run in runs:
@@ -1967,9 +2099,25 @@ def test_curves_svg_holds_the_metrics_points(trained):
     assert {"epoch", "loss", "accuracy (%)", "validation accuracy", "training loss (per logged batch)"} <= labels
 
 
-def test_progress_lines_show_batch_count_and_time_left(trained):
+def test_progress_lines_show_batch_count_and_no_time_left_from_too_few_batches(trained):
     out = trained[0].stdout
-    assert re.search(r"^Epoch 1 \| Batch 2/4 \| Loss: \d\.\d{4} \| \d+:\d\d left$", out, re.M)
+    assert re.search(r"^Epoch 1 \| Batch 0/4 \| Loss: \d\.\d{4}$", out, re.M)
+    assert re.search(r"^Epoch 1 \| Batch 2/4 \| Loss: \d\.\d{4}$", out, re.M)  # 3 batches: too few for a pace
+
+
+def test_time_left_appears_once_a_few_batches_and_seconds_have_passed(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    clock = (100.0, 0, 50, 0)  # started at t = 100 s, no batch done before, 50 in the run, first epoch
+    now[0] = 160.0
+    assert train.eta(clock, 4) == ""  # a minute, but only 4 batches: the pace of so few says little
+    now[0] = 101.0
+    assert train.eta(clock, 10) == ""  # 10 batches, but in one second
+    now[0] = 130.0
+    assert train.eta(clock, 10) == " | 2:00 left"  # 3 s a batch, 40 batches left
+    resumed = (130.0, 20, 50, 20)  # a resumed run: its pace counts only the batches it ran itself
+    now[0] = 145.0
+    assert train.eta(resumed, 5) == " | 1:15 left"  # 3 s a batch, 25 left
 
 
 class _ScriptedVal:
@@ -1997,7 +2145,8 @@ def test_the_kept_adapter_is_that_of_the_chosen_epoch(tiny_tokenizer, monkeypatc
         return result
     monkeypatch.setattr(train, "train_epoch", epoch_and_snapshot)
     monkeypatch.setattr(train, "spam_probabilities", _ScriptedVal(val_losses))
-    args = argparse.Namespace(epochs=3, lr=1e-2, weight_decay=0.0, log_every=100, threshold=0.5, keep=keep)
+    args = argparse.Namespace(epochs=3, lr=1e-2, weight_decay=0.0, log_every=100, threshold=0.5, keep=keep,
+                              grad_accum=1, max_grad_norm=None, lr_schedule="constant", warmup_steps=0, patience=None)
     history, _, kept = train.fit(model, loaders, args, torch.device("cpu"), "fp32")
     assert kept == kept_epoch and [h.get("kept", False) for h in history] == [e == kept_epoch for e in (1, 2, 3)]
     state = lora.adapter_state(model)
@@ -2028,7 +2177,7 @@ def test_threshold_is_stored_reported_and_overridden(workdir, tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["threshold"] == 0.3 and row["label"] == ("spam" if row["spam_probability"] >= 0.3 else "ham")
     for threshold, label in (("0", "spam"), ("1", "ham")):
-        predict.main(["--adapter", str(out), "--json", "--threshold", threshold, "hello there"])
+        predict.main(["--adapter", str(out), "--json", "--precision", "fp32", "--threshold", threshold, "hello there"])
         row = json.loads(capsys.readouterr().out)
         assert row["label"] == label and row["threshold"] == float(threshold)
 
@@ -2072,10 +2221,12 @@ def test_train_bad_input_is_one_line_and_exit_2(workdir, tmp_path, args, message
 
 
 def test_ctrl_c_stops_training_cleanly_and_keeps_the_old_adapter(workdir, tmp_path):
-    out = tmp_path / "a.pt"
-    out.write_bytes(b"an earlier adapter")
+    out = tmp_path / "a.safetensors"
+    lora.save_adapter(tiny_classifier(), out, ADAPTER_META)  # an earlier run's
+    earlier = out.read_bytes()
     proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), "--model-dir", str(workdir / "model"),
-                             "--data", str(workdir / "sms.txt"), "--epochs", "100000", "--out", str(out)],
+                             "--data", str(workdir / "sms.txt"), "--epochs", "100000", "--precision", "fp32",
+                             "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("Epoch 2 |"):
@@ -2083,8 +2234,9 @@ def test_ctrl_c_stops_training_cleanly_and_keeps_the_old_adapter(workdir, tmp_pa
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "interrupted; nothing was saved" in err and "Traceback" not in err
-    assert out.read_bytes() == b"an earlier adapter"
+    assert "interrupted; the adapter was not saved" in err and "--resume continues it" in err, err
+    assert "Traceback" not in err and one_line(err)
+    assert out.read_bytes() == earlier and not list(tmp_path.glob(".*.tmp"))
 
 
 def base_train_args(hostile, out):
@@ -2113,9 +2265,10 @@ def test_train_unusable_out_is_refused_before_loading_the_model(tmp_path, capsys
 
 def test_out_needs_room_for_the_adapter_it_will_write(tmp_path):
     free = shutil.disk_usage(tmp_path).free
-    train.check_out(tmp_path / "a.safetensors", need=free // 2)
+    args = argparse.Namespace(out=str(tmp_path / "a.safetensors"), data=None, model_dir=str(tmp_path / "model"))
+    train.check_out(args, need=free // 2)
     with pytest.raises(ValueError, match=f"less than {(free + 2**30) / 1e6:,.0f} MB free"):
-        train.check_out(tmp_path / "a.safetensors", need=free + 2**30)  # e.g. GPT-2 XL's adapter on a full disk
+        train.check_out(args, need=free + 2**30)  # e.g. GPT-2 XL's adapter on a full disk
     assert not list(tmp_path.iterdir())  # the probe file is gone
 
 
@@ -2183,19 +2336,110 @@ def test_train_eval_unused_on_a_balanced_file_is_one_line(hostile, tmp_path, cap
     assert not (tmp_path / "a.safetensors").exists()
 
 
+def train_args(workdir, out, *extra):
+    return [HERE / "train.py", "--model-dir", workdir / "model", "--data", workdir / "sms.txt",
+            "--epochs", "3", "--rank", "2", "--precision", "fp32", "--out", out, *extra]
+
+
+@pytest.mark.parametrize("out, message", [
+    ("sms.txt", "would overwrite the training data"),
+    ("model/adapter.safetensors", "would write into the model folder"),
+    ("model/hparams.json", "would write into the model folder"),
+    ("notes.txt", "is an existing file that is not an adapter made by train.py"),
+    ("", "--out is empty"),
+])
+def test_train_refuses_an_out_that_would_destroy_an_input(workdir, out, message):
+    (workdir / "notes.txt").write_text("my notes\n")
+    before = {p: p.read_bytes() for p in [workdir / "sms.txt", *(workdir / "model").iterdir()]}
+    result = run_script(*train_args(workdir, workdir / out if out else ""))
+    assert result.returncode == 2 and one_line(result.stderr) and message in result.stderr, result.stderr
+    assert before == {p: p.read_bytes() for p in before} and (workdir / "notes.txt").read_text() == "my notes\n"
+
+
+def test_train_resumed_after_sigkill_ends_with_the_same_adapter_bit_for_bit(workdir, tmp_path):
+    args = ["--epochs", "4", "--lora-dropout", "0.2", "--keep", "last"]  # dropout: the random state matters too
+    reference = run_script(*train_args(workdir, tmp_path / "ref.safetensors", *args))
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "a.safetensors"
+    command = [sys.executable, *map(str, train_args(workdir, out, *args))]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as run:
+        for line in run.stdout:
+            if line.startswith("Saved a checkpoint of epoch 1 "):
+                run.kill()  # SIGKILL: no handler runs, nothing is tidied up
+                break
+    assert run.returncode == -signal.SIGKILL and not out.exists()
+    assert tmp_path.joinpath("a.safetensors.checkpoint").exists()
+    again = run_script(*train_args(workdir, out, *args))  # without --resume: refused, the checkpoint kept
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = run_script(*train_args(workdir, out, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed a stopped run after its epoch" in resumed.stdout and "Epoch 4 Finished" in resumed.stdout
+    want, got = formats.read_safetensors(tmp_path / "ref.safetensors"), formats.read_safetensors(out)
+    assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+    histories = [json.loads(p.read_text())["history"] for p in (tmp_path / "ref.safetensors.metrics.json",
+                                                               tmp_path / "a.safetensors.metrics.json")]
+    for history in histories:
+        for epoch in history:
+            epoch.pop("seconds")
+    assert histories[0] == histories[1] and len(histories[0]) == 4
+    assert not tmp_path.joinpath("a.safetensors.checkpoint").exists()  # removed once the adapter is saved
+
+
+def test_resume_with_other_arguments_is_refused_naming_the_difference(workdir, tmp_path):
+    out = tmp_path / "a.safetensors"
+    result = run_script(*train_args(workdir, out, "--epochs", "1"))
+    assert result.returncode == 0, result.stderr
+    checkpoint = tmp_path / "a.safetensors.checkpoint"
+    assert not checkpoint.exists()
+    # a checkpoint of epoch 1, as a stopped 3-epoch run leaves it: train 1 epoch of 3 and stop it there
+    command = [sys.executable, *map(str, train_args(workdir, out))]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as run:
+        for line in run.stdout:
+            if line.startswith("Saved a checkpoint of epoch 1 "):
+                run.kill()
+                break
+    result = run_script(*train_args(workdir, out, "--resume", "--lr", "0.01"))
+    assert result.returncode == 2 and one_line(result.stderr), result.stderr
+    assert "lr 0.0008 in the checkpoint, 0.01 now" in result.stderr
+    assert checkpoint.exists()
+
+
+def test_train_with_a_closed_stdout_still_trains_and_saves(workdir, tmp_path):
+    out = tmp_path / "a.safetensors"
+    command = [sys.executable, *map(str, train_args(workdir, out, "--epochs", "1"))]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE) as run:
+        run.stdout.close()  # as `train.py | head -1` does once head has its line
+        err = run.stderr.read().decode()
+    assert run.returncode == 0 and out.exists(), err
+    assert "standard output failed" in err and "wrote its files" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "data.py"])
+def test_a_full_stdout_ends_in_one_line_and_exit_2(trained, workdir, tmp_path, script):
+    args = {"train.py": train_args(workdir, tmp_path / "a.safetensors", "--epochs", "1")[1:],
+            "predict.py": ["--adapter", trained[1], "--precision", "fp32", "hello"],
+            "data.py": ["--data", workdir / "sms.txt", "--model-dir", workdir / "model"]}[script]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(HERE / script), *map(str, args)], stdout=full,
+                                stderr=subprocess.PIPE, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 2 and one_line(result.stderr), result.stderr
+    assert "No space left on device" in result.stderr
+    if script == "train.py":
+        assert (tmp_path / "a.safetensors").exists()  # the run itself was not lost
+
+
 # ----------------------------------------------------------------------------------------------
 # predict.py: messages, stdin, "--", thresholds, JSON, and bad adapters
 
 
 def test_predict_prints_text_label_and_confidence(trained):
     _, adapter = trained
-    result = run_script("predict.py", "--precision", "fp32", "--adapter", adapter, "WIN a FREE prize 7 now call 0900",
-                        "hey are we still on for lunch")
+    spam, ham = synthetic_messages(60, 20)[67][0], synthetic_messages(60, 20)[7][0]  # messages of the data file
+    result = run_script("predict.py", "--precision", "fp32", "--adapter", adapter, spam, ham)
     assert result.returncode == 0, result.stderr
     blocks = result.stdout.split("-" * 30 + "\n")
-    assert re.fullmatch(r"Text: 'WIN a FREE prize 7 now call 0900'\nPrediction: SPAM \(Confidence: \d\.\d\d\)\n",
-                        blocks[0])
-    assert re.fullmatch(r"Text: 'hey are we still on for lunch'\nPrediction: HAM \(Normal\) \(Confidence: \d\.\d\d\)\n",
+    assert re.fullmatch(re.escape(f"Text: {spam!r}\nPrediction: SPAM (Confidence: ") + r"\d\.\d\d\)\n", blocks[0])
+    assert re.fullmatch(re.escape(f"Text: {ham!r}\nPrediction: HAM (Normal) (Confidence: ") + r"\d\.\d\d\)\n",
                         blocks[1])
 
 
@@ -2230,12 +2474,13 @@ def test_predict_matches_the_unmerged_trained_model(trained, workdir):
 def test_predict_rebuilds_an_adapter_with_other_targets_rank_and_alpha(workdir, tmp_path, capsys):
     out = tmp_path / "qv.pt"
     train.main(["--model-dir", str(workdir / "model"), "--data", str(workdir / "sms.txt"), "--epochs", "1",
-                "--rank", "3", "--alpha", "5", "--targets", "W_query,W_value", "--out", str(out)])
+                "--rank", "3", "--alpha", "5", "--targets", "W_query,W_value", "--precision", "fp32",
+                "--out", str(out)])
     assert "trainable params: " + f"{3 * 2 * 2 * 32:,}" in capsys.readouterr().out  # 2 layers x 2 targets x r(16+16)
     meta, tensors = lora.read_adapter(out)
     assert meta["targets"] == ["W_query", "W_value"] and meta["rank"] == 3 and meta["alpha"] == 5
     assert len([n for n in tensors if n.endswith(".lora.A")]) == 4
-    predict.main(["--adapter", str(out), "--json", "hello there"])
+    predict.main(["--adapter", str(out), "--json", "--precision", "fp32", "hello there"])
     row = json.loads(capsys.readouterr().out)
     assert row["label"] in ("ham", "spam") and 0 <= row["spam_probability"] <= 1
 
@@ -2318,9 +2563,11 @@ def test_predict_empty_stdin_says_no_messages_were_given(hostile, monkeypatch, c
     assert code == 2 and one_line(err) and "no messages were given" in err and out == ""
 
 
-def test_predict_blank_stdin_line_is_refused(hostile, monkeypatch, capsys):
-    code, out, err = predict_json(monkeypatch, capsys, ["--adapter", hostile / "a.safetensors", "-"], b"hi\n\nthere\n")
-    assert code == 2 and one_line(err) and "message 2 is empty" in err and out == ""
+def test_predict_skips_blank_stdin_lines_and_counts_them(hostile, monkeypatch, capsys):
+    stdin = b"hi\n\nthere\n  \n\n"
+    code, out, err = predict_json(monkeypatch, capsys, ["--adapter", hostile / "a.safetensors", "-"], stdin)
+    assert code == 0 and "note: skipped 3 blank line(s) on stdin" in err
+    assert [(r["line"], r["text"]) for r in map(json.loads, out.splitlines())] == [(1, "hi"), (3, "there")]
 
 
 @pytest.mark.parametrize("value", ["2", "-0.1", "nan", "inf", "x"])
@@ -2335,9 +2582,14 @@ def test_predict_json_never_prints_nan(hostile, tmp_path, monkeypatch, capsys):
     tensors["wte"][:] = np.nan  # the same shape as the trained-on model, but damaged
     gpt2.write_model_folder(tmp_path / "model", tiny_cfg(), tensors)
     write_tiny_bpe(tmp_path / "model")
-    code, out, err = predict_json(monkeypatch, capsys, ["--adapter", hostile / "a.safetensors", "--model-dir",
+    # an adapter from before base-weight fingerprints, which would refuse these weights before any forward pass
+    arrays, header = formats.read_safetensors(hostile / "a.safetensors", with_metadata=True)
+    header = {k: v for k, v in header.items() if k != "base_fingerprint"}
+    formats.write_safetensors({k: np.array(v) for k, v in arrays.items()}, tmp_path / "old.safetensors", header)
+    code, out, err = predict_json(monkeypatch, capsys, ["--adapter", tmp_path / "old.safetensors", "--model-dir",
                                                         tmp_path / "model", "hello", "WIN a prize"])
     assert out == ""  # nothing printed, not even for the messages before the bad one
+    err = err.split("\n", 1)[1]  # after the note that the base weights cannot be checked
     assert code == 2 and one_line(err) and "finite" in err
 
 
@@ -2352,6 +2604,49 @@ def test_confidence_is_the_probability_of_the_label_shown(trained, capsys):
         want = p_spam if shown.group(1) == "SPAM" else 1 - p_spam
         assert (shown.group(1) == ("SPAM" if threshold == 0.0 else "HAM (Normal)")
                 and float(shown.group(2)) == round(want, 2))
+
+
+def test_predict_with_stdin_closed_says_so_in_one_line(trained):
+    result = subprocess.run([sys.executable, str(HERE / "predict.py"), "--adapter", str(trained[1]), "-"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=HERE,
+                            preexec_fn=lambda: os.close(0))
+    assert result.returncode == 2 and one_line(result.stderr) and "stdin is closed" in result.stderr
+
+
+def test_predict_escapes_what_the_output_encoding_cannot_show(trained):
+    result = subprocess.run([sys.executable, str(HERE / "predict.py"), "--adapter", str(trained[1]),
+                             "--precision", "fp32", "--", "caf\u00e9 \U0001f600"], capture_output=True,
+                            cwd=HERE, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert b"\\U0001f600" in result.stdout and b"Prediction: " in result.stdout
+
+
+def test_predict_refuses_other_base_weights_of_the_same_shape(trained, workdir, tmp_path):
+    other = tmp_path / "other"
+    gpt2.write_model_folder(other, tiny_cfg(), random_tensors(tiny_cfg(), seed=11))
+    write_tiny_bpe(other)
+    result = run_script("predict.py", "--adapter", trained[1], "--model-dir", other, "--precision", "fp32", "hi")
+    assert result.returncode == 2 and one_line(result.stderr) and "fingerprint" in result.stderr, result.stderr
+    meta = lora.read_adapter(trained[1])[0]
+    assert meta["base_fingerprint"] in result.stderr
+
+
+def test_predict_reads_an_adapter_without_a_fingerprint_with_a_note(trained, tmp_path):
+    tensors, header = formats.read_safetensors(trained[1], with_metadata=True)
+    header = {k: v for k, v in header.items() if k != "base_fingerprint"}
+    formats.write_safetensors({k: np.array(v) for k, v in tensors.items()}, tmp_path / "old.safetensors", header)
+    result = run_script("predict.py", "--adapter", tmp_path / "old.safetensors", "--precision", "fp32", "hi")
+    assert result.returncode == 0, result.stderr
+    assert "does not record which base weights" in result.stderr and "Prediction: " in result.stdout
+
+
+def test_predict_says_the_trained_on_folder_is_gone_before_any_download(trained, tmp_path, monkeypatch, capsys):
+    tensors, header = formats.read_safetensors(trained[1], with_metadata=True)
+    header = {**header, "model_dir": json.dumps(str(tmp_path / "moved-away")), "downloaded": "false"}
+    formats.write_safetensors({k: np.array(v) for k, v in tensors.items()}, tmp_path / "a.safetensors", header)
+    monkeypatch.setattr(cli, "download_file", lambda *a, **k: pytest.fail("no download may start"))
+    code, err = run_main(predict.main, ["--adapter", tmp_path / "a.safetensors", "--precision", "fp32", "hi"], capsys)
+    assert code == 2 and one_line(err) and "moved-away, which is gone; pass --model-dir" in err, err
 
 
 # ----------------------------------------------------------------------------------------------

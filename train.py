@@ -109,8 +109,9 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
     """Train for args.epochs; keep the adapter of the best (lowest validation loss) or last epoch.
     Returns (history, logged batch losses as (epoch progress, loss), the kept epoch).
 
-    After every epoch the whole state of the run is saved as a checkpoint beside --out, from which
-    train.py --resume continues (fingerprint: run_fingerprint's; resume_from: find_checkpoint's)."""
+    Given the run's fingerprint (run_fingerprint), the whole state of the run is saved after every
+    epoch as a checkpoint beside --out, from which train.py --resume continues (resume_from: what
+    find_checkpoint read)."""
     # Only the trainable tensors go to the optimizer: the frozen 124M get no AdamW state at all
     # (AdamW keeps two extra tensors per parameter, which would triple the model's memory).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
@@ -145,7 +146,8 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
                 h.pop("kept", None)
             history[-1]["kept"] = True
         progress["epoch"] = epoch
-        write_checkpoint(args, fingerprint, model, optimizer, loaders["train"], progress, kept)
+        if fingerprint is not None:  # train.py's runs; a caller of fit alone gets no checkpoint files
+            write_checkpoint(args, fingerprint, model, optimizer, loaders["train"], progress, kept)
     with torch.no_grad():
         for name, param in lora.adapter_state(model).items():
             param.copy_(kept[name])
