@@ -856,6 +856,38 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     assert cli.default_cache_dir() == tmp_path / "xdg" / "gpt2-lora"
 
 
+def closed_port():
+    with socket.socket() as s:  # a port on which nothing listens
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_host_ends_the_download_at_once_and_leaves_no_folders(tmp_path, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(cli.time, "sleep", sleeps.append)
+    dest = tmp_path / "cache" / "gpt2" / "124M" / "f.bin"
+    with pytest.raises(cli.DownloadError, match="cannot be reached"):
+        cli.download_file(f"http://127.0.0.1:{closed_port()}/f.bin", dest, retries=3, progress=False)
+    assert sleeps == []  # a refused connection is not retried
+    assert list(tmp_path.iterdir()) == []  # the folders made for it are gone again
+
+
+def test_fetch_all_tries_every_download_and_names_every_failure():
+    calls = []
+
+    def fails(name):
+        def fetch():
+            calls.append(name)
+            raise cli.DownloadError(f"could not download {name}. Without internet, pass --{name}")
+        return fetch
+    with pytest.raises(cli.DownloadError) as info:
+        cli.fetch_all(fails("data"), lambda: calls.append("ok") or 7, fails("model-dir"))
+    assert calls == ["data", "ok", "model-dir"]
+    assert str(info.value) == ("could not download data. Without internet, pass --data. Also, could not download "
+                               "model-dir. Without internet, pass --model-dir")
+    assert cli.fetch_all(lambda: 1, lambda: 2) == [1, 2]
+
+
 # ----------------------------------------------------------------------------------------------
 # cli.py: errors, signals, atomic writes, and precision chosen by measurement
 
@@ -1623,6 +1655,50 @@ def test_a_stray_nul_byte_is_refused_with_its_line_number(tmp_path):
     path.write_bytes(b"\n".join(lines))
     with pytest.raises(data.DataError, match=r"sms.tsv, line 7: a NUL byte"):
         data.read_messages(path)
+
+
+def test_buckets_mix_classes_by_the_cheapest_swap():
+    lengths = [1, 2, 3, 4, 10, 11, 12, 13]
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]  # by length, each batch of four holds one class
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    data.mix_classes(batches, lengths, labels)
+    # the cheapest swap brings the shortest spam (4, length 10) down: padded 4 * 10 + 4 * 13 = 92 tokens,
+    # against 4 * 13 + 4 * 13 for the longest; giving away ham 0 or ham 3 costs the same, and the
+    # shortest is tried first
+    assert batches == [[1, 2, 3, 4], [0, 5, 6, 7]]
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7], [0, 4, 1, 5]]
+    data.mix_classes(batches, lengths, labels)  # a donor needs two of the other class to give one
+    assert all(len({labels[i] for i in b}) == 2 for b in batches)
+
+
+def test_balanced_buckets_keep_every_message_once_and_are_seeded(tiny_tokenizer):
+    lengths = [random.Random(i).randint(1, 60) for i in range(200)]
+    labels = [int(n > 30) for n in lengths]  # the long ones are "spam", as in the real data
+    def epochs(seed):
+        sampler = data.BucketBatchSampler(lengths, 8, torch.Generator().manual_seed(seed), labels=labels)
+        return [list(sampler) for _ in range(2)]
+    first = epochs(5)
+    assert first == epochs(5) and first != epochs(6) and first[0] != first[1]
+    for batches in first:
+        assert sorted(i for b in batches for i in b) == list(range(200))
+        single = sum(len({labels[i] for i in b}) == 1 for b in batches)
+        unmixed = data.BucketBatchSampler(lengths, 8, torch.Generator().manual_seed(5))
+        assert single <= 1 < sum(len({labels[i] for i in b}) == 1 for b in unmixed)
+
+
+@pytest.mark.skipif(not (SHARED / "SMSSpamCollection").exists(), reason="needs ../shared/data")
+def test_balanced_buckets_on_the_real_split_meet_their_targets():
+    splits = data.split_dataset(data.load_messages(SHARED / "SMSSpamCollection"), seed=42)
+    dataset = data.SpamDataset(splits["train"], gpt2.load_tokenizer(SHARED / "gpt2-bpe"))
+    lengths, labels = dataset.lengths(), dataset.labels
+    plain = list(data.BucketBatchSampler(lengths, 8, torch.Generator().manual_seed(42)))
+    mixed = list(data.BucketBatchSampler(lengths, 8, torch.Generator().manual_seed(42), labels=labels))
+    def single(batches):
+        return sum(len({labels[i] for i in b}) == 1 for b in batches)
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert len(mixed) == 131 and single(plain) > 40 and single(mixed) <= 5
+    assert padded(mixed) <= 1.15 * padded(plain)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2428,6 +2504,90 @@ def test_a_full_stdout_ends_in_one_line_and_exit_2(trained, workdir, tmp_path, s
         assert (tmp_path / "a.safetensors").exists()  # the run itself was not lost
 
 
+def eight_messages(tokenizer):
+    """(token ids, label) of four ham and four spam messages, short enough for tiny_cfg's context."""
+    messages = [(f"hi {i} lunch", 0) for i in range(4)] + [(f"WIN {i} prize now", 1) for i in range(4)]
+    return [(tokenizer.encode_ordinary(text), label) for text, label in messages]
+
+
+def test_grad_accum_of_two_batches_of_4_is_the_update_of_one_batch_of_8(tiny_tokenizer):
+    rows = eight_messages(tiny_tokenizer)
+    eot = tiny_tokenizer.eot_token
+    models = [tiny_classifier(seed=3), tiny_classifier(seed=3)]
+    for model in models:
+        model.train()
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    train.train_step(models[0], optimizers[0], [data.collate(rows, eot)])
+    train.train_step(models[1], optimizers[1], [data.collate(rows[:4], eot), data.collate(rows[4:], eot)])
+    a, b = lora.adapter_state(models[0]), lora.adapter_state(models[1])
+    assert not all(torch.equal(a[k], tiny_classifier(seed=3).state_dict()[k]) for k in a)  # a step was taken
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+def test_max_grad_norm_clips_the_whole_gradient(tiny_tokenizer):
+    model = tiny_classifier(seed=1)
+    before = {k: v.detach().clone() for k, v in lora.adapter_state(model).items()}
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)  # update = -gradient
+    train.train_step(model, sgd, [data.collate(eight_messages(tiny_tokenizer), tiny_tokenizer.eot_token)],
+                     max_grad_norm=1e-3)
+    after = lora.adapter_state(model)
+    step = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    assert abs(step.item() - 1e-3) < 1e-8  # the gradient was far larger than 1e-3, and is now exactly that
+
+
+@pytest.mark.parametrize("schedule, want", [
+    ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [1 / 3, 2 / 3, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2]),
+])
+def test_lr_schedule_warms_up_then_follows_its_shape(schedule, want):
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    args = argparse.Namespace(lr_schedule=schedule, warmup_steps=2)
+    scheduler = train.lr_scheduler(optimizer, args, steps=6)
+    got = []
+    for _ in range(6):
+        got.append(optimizer.param_groups[0]["lr"] / 0.1)
+        optimizer.step()
+        scheduler.step()
+    assert got == pytest.approx(want, abs=1e-12)
+    resumed = torch.optim.SGD([param], lr=0.1)  # --resume after 4 steps: the rate where the run was
+    train.lr_scheduler(resumed, args, steps=6, done=4)
+    assert resumed.param_groups[0]["lr"] / 0.1 == pytest.approx(want[4], abs=1e-12)
+    assert train.lr_scheduler(optimizer, argparse.Namespace(lr_schedule="constant", warmup_steps=0), 6) is None
+
+
+def test_patience_stops_training_and_keeps_the_best_epoch(tiny_tokenizer, monkeypatch, capsys):
+    model = tiny_classifier()
+    splits = data.split_dataset(synthetic_messages(30, 10), seed=1)
+    loaders = data.make_loaders(splits, tiny_tokenizer, batch_size=4, seed=1, context_length=32)
+    monkeypatch.setattr(train, "spam_probabilities", _ScriptedVal([0.5, 0.4, 0.45, 0.41, 0.3, 0.2]))
+    args = argparse.Namespace(epochs=6, lr=1e-2, weight_decay=0.0, log_every=100, threshold=0.5, keep="best",
+                              grad_accum=1, max_grad_norm=None, lr_schedule="constant", warmup_steps=0, patience=2)
+    history, _, kept = train.fit(model, loaders, args, torch.device("cpu"), "fp32")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and kept == 2  # epochs 3 and 4 did not beat 0.4
+    assert "Stopped early" in capsys.readouterr().out
+
+
+def test_train_reports_the_test_sets_roc_auc(trained):
+    result, adapter = trained
+    metrics = json.loads(adapter.with_name(adapter.name + ".metrics.json").read_text())
+    assert metrics["test"]["roc_auc"] == 1.0  # every test spam message scores above every test ham one
+    assert "Test ROC AUC: 1.0000" in result.stdout
+
+
+def test_train_offline_names_every_missing_input_in_one_line(tmp_path, monkeypatch, capsys):
+    port = closed_port()
+    monkeypatch.setattr(gpt2, "OPENAI_URL", f"http://127.0.0.1:{port}/{{size}}/{{file}}")
+    monkeypatch.setattr(data, "SMS_URL", f"http://127.0.0.1:{port}/sms.zip")
+    code, err = run_main(train.main, ["--cache-dir", tmp_path / "cache", "--precision", "fp32",
+                                      "--out", tmp_path / "a.safetensors"], capsys)
+    assert code == 2 and one_line(err), err
+    assert "--data PATH" in err and "--model-dir" in err  # both, in one run
+    assert not (tmp_path / "cache").exists()  # no empty folders left in the cache
+
+
 # ----------------------------------------------------------------------------------------------
 # predict.py: messages, stdin, "--", thresholds, JSON, and bad adapters
 
@@ -2647,6 +2807,35 @@ def test_predict_says_the_trained_on_folder_is_gone_before_any_download(trained,
     monkeypatch.setattr(cli, "download_file", lambda *a, **k: pytest.fail("no download may start"))
     code, err = run_main(predict.main, ["--adapter", tmp_path / "a.safetensors", "--precision", "fp32", "hi"], capsys)
     assert code == 2 and one_line(err) and "moved-away, which is gone; pass --model-dir" in err, err
+
+
+def test_predict_is_a_filter_results_come_while_the_pipe_stays_open(trained):
+    command = [sys.executable, str(HERE / "predict.py"), "--adapter", str(trained[1]), "--precision", "fp32",
+               "--json", "-"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE) as proc:
+        proc.stdin.write("WIN a FREE prize 1 now call 0900 x \n\n")
+        proc.stdin.flush()
+        first = json.loads(proc.stdout.readline())  # read while stdin is still open
+        proc.stdin.write("hey are we still on for lunch 3 ok\n")
+        proc.stdin.flush()
+        second = json.loads(proc.stdout.readline())
+        proc.stdin.close()
+        rest = proc.stdout.read()
+    assert proc.returncode == 0 and rest == ""
+    assert (first["line"], first["label"], second["line"], second["label"]) == (1, "spam", 3, "ham")
+
+
+def test_predict_streams_many_lines_in_input_order(trained, tmp_path):
+    texts = [text for text, _ in synthetic_messages(60, 20)] * 5  # 400 lines: several read-ahead groups
+    result = subprocess.run([sys.executable, str(HERE / "predict.py"), "--adapter", str(trained[1]), "--precision",
+                             "fp32", "--json", "--batch-size", "8", "-"], input="\n".join(texts) + "\n",
+                            capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["line"] for r in rows] == list(range(1, 401)) and [r["text"] for r in rows] == texts
+    probs = {}
+    for r in rows:  # the same message scores the same in whatever group it was classified
+        assert probs.setdefault(r["text"], r["spam_probability"]) == pytest.approx(r["spam_probability"], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
