@@ -358,7 +358,9 @@ def bench_predict(cfg, rank, work, runs, device, latency_pairs=20):
     results["import_torch_s"] = results["import_torch"]["median"]
     n = 1000 if runs > 1 else 50  # --quick: enough to show the path works
     stdin = first_messages(n)
-    for precision in ("auto", *PRECISIONS):
+    chosen = cli.choose_precision("auto", device)[0]
+    # --quick: auto and the precision it picks (what a user gets); a full run: both precisions as well
+    for precision in ("auto", *PRECISIONS) if runs > 1 else ("auto", chosen):
         args = ["predict.py", "--adapter", str(adapter), "--device", str(device), "--precision", precision]
         cold = [run_timed([sys.executable, *args, msg]) for _ in range(runs)]
         many = [run_timed([sys.executable, *args, "-"], stdin=stdin) for _ in range(max(1, runs // 2))]
@@ -541,7 +543,7 @@ def report_load_predict(r):
     x = r.get("predict", {})
     if "import_torch_s" in x:
         rows.append(("predict", "python -c 'import torch', s", f"{x['import_torch_s']:.2f}"))
-        for p in ("auto", *PRECISIONS):
+        for p in [p for p in ("auto", *PRECISIONS) if p in x]:
             rows += [("predict", f"{p}: cold start s | {x[p]['stdin_messages']:,} messages on stdin s (msgs/s)",
                       f"{x[p]['cold_start_s']:.2f} | {x[p]['stdin_s']:.1f} ({x[p]['messages_per_s']:.0f})")]
             if "peak_rss_mib" in x[p]:

@@ -2424,15 +2424,15 @@ def train_args(workdir, out, *extra):
     ("notes.txt", "is an existing file that is not an adapter made by train.py"),
     ("", "--out is empty"),
 ])
-def test_train_refuses_an_out_that_would_destroy_an_input(workdir, out, message):
+def test_train_refuses_an_out_that_would_destroy_an_input(workdir, out, message, capsys):
     (workdir / "notes.txt").write_text("my notes\n")
     before = {p: p.read_bytes() for p in [workdir / "sms.txt", *(workdir / "model").iterdir()]}
-    result = run_script(*train_args(workdir, workdir / out if out else ""))
-    assert result.returncode == 2 and one_line(result.stderr) and message in result.stderr, result.stderr
+    code, err = run_main(train.main, train_args(workdir, workdir / out if out else "")[1:], capsys)
+    assert code == 2 and one_line(err) and message in err, err
     assert before == {p: p.read_bytes() for p in before} and (workdir / "notes.txt").read_text() == "my notes\n"
 
 
-def test_train_resumed_after_sigkill_ends_with_the_same_adapter_bit_for_bit(workdir, tmp_path):
+def test_train_resumed_after_sigkill_ends_with_the_same_adapter_bit_for_bit(workdir, tmp_path, capsys):
     args = ["--epochs", "4", "--lora-dropout", "0.2", "--keep", "last"]  # dropout: the random state matters too
     reference = run_script(*train_args(workdir, tmp_path / "ref.safetensors", *args))
     assert reference.returncode == 0, reference.stderr
@@ -2445,8 +2445,8 @@ def test_train_resumed_after_sigkill_ends_with_the_same_adapter_bit_for_bit(work
                 break
     assert run.returncode == -signal.SIGKILL and not out.exists()
     assert tmp_path.joinpath("a.safetensors.checkpoint").exists()
-    again = run_script(*train_args(workdir, out, *args))  # without --resume: refused, the checkpoint kept
-    assert again.returncode == 2 and "--resume" in again.stderr
+    code, err = run_main(train.main, train_args(workdir, out, *args)[1:], capsys)  # without --resume: refused
+    assert code == 2 and "--resume" in err and tmp_path.joinpath("a.safetensors.checkpoint").exists()
     resumed = run_script(*train_args(workdir, out, *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert "Resumed a stopped run after its epoch" in resumed.stdout and "Epoch 4 Finished" in resumed.stdout
@@ -2462,11 +2462,7 @@ def test_train_resumed_after_sigkill_ends_with_the_same_adapter_bit_for_bit(work
 
 
 def test_resume_with_other_arguments_is_refused_naming_the_difference(workdir, tmp_path):
-    out = tmp_path / "a.safetensors"
-    result = run_script(*train_args(workdir, out, "--epochs", "1"))
-    assert result.returncode == 0, result.stderr
-    checkpoint = tmp_path / "a.safetensors.checkpoint"
-    assert not checkpoint.exists()
+    out, checkpoint = tmp_path / "a.safetensors", tmp_path / "a.safetensors.checkpoint"
     # a checkpoint of epoch 1, as a stopped 3-epoch run leaves it: train 1 epoch of 3 and stop it there
     command = [sys.executable, *map(str, train_args(workdir, out))]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as run:
