@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 class DownloadError(RuntimeError):
     """A file could not be fetched (no network, server error, an incomplete or corrupt transfer)."""
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +66,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         fail(self.prog, f"{message} (see --help)")
+
+    def _print_message(self, message, file=None):  # argparse's own swallows write errors: --help > /dev/full
+        if message:
+            (file or sys.stderr).write(message)
 
 
 def fail(prog: str, message) -> None:
@@ -133,8 +137,16 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
     stdout = sys.stdout
     guard = sys.stdout = _StdoutGuard(stdout) if finish_without_stdout and stdout else stdout
     try:
-        main()
-        sys.stdout.flush()  # a full disk behind stdout shows here, not in Python's shutdown
+        try:
+            main()
+        finally:  # also after argparse's --help, which ends in SystemExit(0)
+            if sys.stdout:  # None when the process was started with its stdout closed (>&-)
+                sys.stdout.flush()  # a full disk behind stdout shows here, not in Python's shutdown
+        for sig in STOP_SIGNALS:  # the work is done and its files are written: a late signal changes nothing
+            signal.signal(sig, signal.SIG_IGN)
+    except SystemExit as e:  # a finished --help, or fail()'s exit 2
+        if e.code not in (0, None) or getattr(guard, "error", None) is None:
+            raise  # else: a --help that could not be printed, said below
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
@@ -147,10 +159,16 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
         sys.exit(0)
     except (ValueError, OSError, DownloadError, *expected) as e:  # first: DownloadError is a RuntimeError
         _quiet_stdout()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            where = f" for {e.filename}" if e.filename else " (perhaps the disk behind stdout)"
+            fail(prog, f"no space left on the device{where}; free some space and run the command again "
+                       "(no earlier file was replaced)")
         fail(prog, e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         torch = sys.modules.get("torch")
-        oom = isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+        oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError",
+                                                                    MemoryError)  # torch < 2.4: only cuda's
+        oom = isinstance(e, (MemoryError, oom_type))
         if not oom and "allocate" not in str(e):
             raise  # not the CPU allocator's "can't allocate memory": a bug, keep its traceback
         fail(prog, f"out of memory ({str(e)[:80]}); {memory_tip}")
@@ -158,8 +176,8 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
         sys.stdout = stdout
     error = getattr(guard, "error", None)
     if error is not None:
-        _write_stderr(f"{prog}: standard output failed ({error.strerror or error}); the run went on to the end "
-                      "and wrote its files; its printed report is lost\n")
+        _write_stderr(f"{prog}: standard output failed ({error.strerror or error}); what it printed is lost, "
+                      "but the command went on to the end (an adapter it trained is saved)\n")
         sys.exit(0 if isinstance(error, BrokenPipeError) else 2)
 
 
@@ -248,9 +266,10 @@ def atomic_write_all(files: dict) -> list[Path]:
                 f.flush()
                 os.fsync(f.fileno())
         folders = sorted({path.parent.resolve() for path in temps})
-        with interrupts_deferred() as caught, contextlib.ExitStack() as locks:
+        with contextlib.ExitStack() as locks:
             for folder in folders:  # in a fixed order, so that two writers cannot wait on each other
-                locks.enter_context(_locked(folder))
+                locks.enter_context(_locked(folder))  # waiting here, a stop signal still stops at once
+            caught = locks.enter_context(interrupts_deferred())
             for path, tmp in temps.items():
                 os.replace(tmp, path)
             for folder in folders:
@@ -337,9 +356,14 @@ def _fetch(url, part: Path, timeout, progress) -> tuple[int | None, str | None]:
     done = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={done}-"} if done else {}
     with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if r.status_code == 416:  # the partial file is no prefix of this one: start over
+        if r.status_code == 416:  # nothing left to send: the part is complete, or no prefix of this file
+            total = r.headers.get("Content-Range", "").rpartition("/")[2]
+            if total.isdigit() and int(total) == done:
+                return done, _announced_sha256(r)  # complete (a kill during its check): verify it as it is
             part.unlink()
             raise requests.ConnectionError("the server refused to resume")
+        if r.status_code in (429, 500, 502, 503, 504):  # busy or failing for now: worth another try
+            raise requests.ConnectionError(f"HTTP {r.status_code} {r.reason}")
         if r.status_code >= 400:
             raise DownloadError(f"could not download {url}: HTTP {r.status_code} {r.reason}")
         if r.status_code == 206:  # Content-Range: bytes start-end/total
@@ -420,7 +444,7 @@ def _download(url, dest: Path, sha256, check, retries, timeout, backoff, progres
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
             if _unreachable(e):  # offline: say so at once instead of retrying for seconds
                 raise DownloadError(f"could not download {url}: the host cannot be reached (no network?)") from None
-            error = str(e) if "refused to resume" in str(e) else type(e).__name__
+            error = str(e) if "refused to resume" in str(e) or "HTTP" in str(e) else type(e).__name__
             continue
         size, expected = part.stat().st_size, sha256 or announced
         if total is not None and size != total:

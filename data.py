@@ -170,11 +170,15 @@ class BucketBatchSampler(Sampler):
 
 
 def mix_classes(batches, lengths, labels, reach=20):
-    """Give each batch of one class a message of the other, in place: swap one of its messages with
-    one of a batch at most `reach` batches away (in length order) that holds two or more of the
-    other class, choosing the swap that adds the fewest padded tokens. Deterministic."""
+    """Give each batch of one class a message of the other, in place, where a batch at most `reach`
+    batches away (in length order) holds two or more of the other class: swap one message with it,
+    choosing the swap that adds the fewest padded tokens. Deterministic."""
     def padded(batch):
         return len(batch) * max(lengths[i] for i in batch)
+
+    def swap_cost(batch, other, e, m):  # padded tokens added by swapping e of batch with m of other
+        swapped = padded([x for x in batch if x != e] + [m]) + padded([x for x in other if x != m] + [e])
+        return swapped - padded(batch) - padded(other)
 
     for k, batch in enumerate(batches):
         if len(batch) < 2 or len({labels[i] for i in batch}) > 1:
@@ -186,8 +190,7 @@ def mix_classes(batches, lengths, labels, reach=20):
                 continue
             for m in other:
                 for e in (batch[0], batch[-1]):  # this batch's shortest or longest message
-                    cost = (padded([x for x in batch if x != e] + [m]) + padded([x for x in batches[j] if x != m] + [e])
-                            - padded(batch) - padded(batches[j]))
+                    cost = swap_cost(batch, batches[j], e, m)
                     if best is None or cost < best[0]:
                         best = (cost, j, m, e)
         if best is not None:
@@ -343,7 +346,7 @@ def _message(fields: list[str], layout, sep: str, where: str) -> tuple[str, int]
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The other layouts a learner may pass: folders, zips, binary files, encodings, CSV
+# 4. From a path to rows: folders, zips, binary files, encodings, separators and CSV
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members; an empty zip
 # Byte-order marks, longest first: the UTF-32-LE mark begins with the UTF-16-LE one.
@@ -584,12 +587,8 @@ def tokenizer_folder(model_dir=None, cache_dir=None) -> Path:
     """--model-dir when given, else the cached 124M folder's two tokenizer files (downloaded once)."""
     if model_dir:
         return gpt2.model_folder(model_dir=model_dir)
-    try:
-        return gpt2.download_gpt2("124M", cache_dir=cache_dir, files=("encoder.json", "vocab.bpe"))
-    except cli.DownloadError as e:  # data.py needs the tokenizer only, not a whole model folder
-        message = str(e).split(". Without internet")[0]
-        raise cli.DownloadError(f"{message}. Without internet, pass --model-dir DIR, a folder holding GPT-2's "
-                                "encoder.json and vocab.bpe") from None
+    return gpt2.download_gpt2("124M", cache_dir=cache_dir, files=("encoder.json", "vocab.bpe"),
+                              offline_hint="pass --model-dir DIR, a folder holding GPT-2's encoder.json and vocab.bpe")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -168,8 +168,9 @@ class GPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         V, T, C = cfg.vocab_size, cfg.context_length, cfg.emb_dim
-        # Created empty and filled by init_weights: nn.Embedding's own init would call normal_,
-        # which on the meta device costs a one-off 1.5 s import that load_gpt2 never needs.
+        # The embeddings get their values from init_weights, or from load_gpt2's checkpoint. Made
+        # empty: nn.Embedding's own init calls normal_, which on the meta device (load_gpt2) first
+        # imports a part of torch that takes 1.5 s and is never needed there.
         self.tok_emb = nn.Embedding(V, C, _weight=torch.empty(V, C))
         self.pos_emb = nn.Embedding(T, C, _weight=torch.empty(T, C))
         self.drop_emb = nn.Dropout(cfg.drop_rate)
@@ -374,7 +375,7 @@ def load_gpt2(model_dir, device="cpu", dtype=torch.float32) -> GPTModel:
     parameters: float32 ones as views of the memory-mapped file, so loading copies nothing. dtype is
     that of the big matrices (see cast_matmuls); bfloat16 ones are cast once, here, tensor by tensor,
     and the residual stream stays float32. model.weights_fingerprint identifies the weights (see
-    weights_fingerprint)."""
+    _add_to_fingerprint)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"model folder {model_dir} does not exist; check --model-dir")
@@ -467,6 +468,7 @@ def load_model_and_tokenizer(folder, device="cpu", dtype=torch.float32) -> tuple
                               f"{model.cfg.vocab_size:,}; the BPE files belong to another model")
     return model, tokenizer
 
+
 def checkpoint_shapes(cfg: GPTConfig) -> dict[str, tuple]:
     """OpenAI's name and shape of every tensor of a GPT-2 of this shape: the name table, backwards."""
     with torch.device("meta"):
@@ -479,9 +481,12 @@ def checkpoint_shapes(cfg: GPTConfig) -> dict[str, tuple]:
 
 
 def write_model_folder(folder, cfg: GPTConfig, tensors: dict[str, np.ndarray], fmt="openai") -> Path:
-    """A loadable model folder from tensors named and shaped as in checkpoint_shapes (bench.py and
-    the tests make offline models of random weights this way). fmt "openai": hparams.json and a
-    TensorFlow checkpoint, as OpenAI released them; "hf": config.json and a model.safetensors."""
+    """A model folder's weights and config from tensors named and shaped as in checkpoint_shapes
+    (bench.py and the tests make offline models of random weights this way; the tokenizer files
+    are copied in separately). fmt "openai": hparams.json and a TensorFlow checkpoint, as OpenAI
+    released them; "hf": config.json and a model.safetensors, as Hugging Face's hub has them."""
+    if fmt not in ("openai", "hf"):
+        raise ValueError(f"unknown model folder format {fmt!r}; choose openai or hf")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_name = "hparams.json" if fmt == "openai" else "config.json"
@@ -591,12 +596,13 @@ KNOWN_SHA256 = {
 }
 
 
-def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> Path:
+def download_gpt2(size="124M", cache_dir=None, source="openai", files=None, offline_hint=None) -> Path:
     """Fetch one GPT-2 size into the cache (once) and return its folder.
 
     source "openai": OpenAI's release files (a TensorFlow checkpoint, each tensor checked against the
     CRC-32C in its index); source "hf": the same weights as model.safetensors from the Hugging Face
     hub (checked against the sha256 the hub announces). files: only these of the folder's files.
+    offline_hint: what a failed download's message tells the user to do instead.
     """
     size = resolve_size(size)
     if source not in ("openai", "hf"):
@@ -613,12 +619,12 @@ def download_gpt2(size="124M", cache_dir=None, source="openai", files=None) -> P
         check = None
         if name.startswith("model.ckpt.data"):
             check = lambda part: formats.verify_tf_data(folder / "model.ckpt.index", part)  # noqa: E731
+        hint = offline_hint or f"point --model-dir at a local copy of the model folder ({', '.join(all_files)})"
         try:
             cli.download_file(url, folder / name, sha256=KNOWN_SHA256.get(name) or KNOWN_SHA256.get(f"{size}/{name}"),
-                          check=check)
+                              check=check)
         except cli.DownloadError as e:
-            raise cli.DownloadError(f"{e}. Without internet, point --model-dir at a local copy of the model folder "
-                                f"({', '.join(all_files)})") from None
+            raise cli.DownloadError(f"{e}. Without internet, {hint}") from None
     return folder
 
 
@@ -636,6 +642,9 @@ def model_folder(size="124M", model_dir=None, cache_dir=None, source="openai") -
     return download_gpt2(size, cache_dir=cache_dir, source=source)
 
 
+# ----------------------------------------------------------------------------------------------
+# 7. The model flags every command shares, and this file's own command line: continue a prompt
+
 
 def add_model_args(parser):
     parser.add_argument("--model", default="124M",
@@ -647,11 +656,6 @@ def add_model_args(parser):
     parser.add_argument("--cache-dir", default=None,
                         help=f"download cache (default: ${cli.CACHE_ENV}, else $XDG_CACHE_HOME/gpt2-lora "
                              "or ~/.cache/gpt2-lora)")
-
-
-
-# ----------------------------------------------------------------------------------------------
-# 8. This file's own command line: continue a prompt
 
 
 def main(argv=None):
@@ -692,7 +696,6 @@ def generate_cli(argv):
     out = generate(model, torch.tensor([ids], device=device), args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, eos_id=tokenizer.eot_token, generator=generator)
     print(tokenizer.decode(out[0].tolist()))
-
 
 
 if __name__ == "__main__":

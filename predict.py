@@ -136,7 +136,8 @@ def message_groups(args_texts, literal, stdin, window, counts):
                              "as arguments")
         yield from stdin_windows(stdin.buffer, window, counts)
         if not counts["messages"]:
-            raise ValueError('no messages were given on stdin ("-"); pipe in one message per line')
+            blank = f" (only {counts['blank']:,} blank line(s))" if counts["blank"] else ""
+            raise ValueError(f'no messages were given on stdin ("-"){blank}; pipe in one message per line')
     group += [(None, _valid_text(text)) for text in literal]
     if group:
         yield group
@@ -153,7 +154,7 @@ IDLE_WAIT = 0.05  # seconds without a new line after which what has arrived is c
 def stdin_windows(stream, window, counts):
     """Yield lists of (line number, text) of the non-blank lines of a binary stream as they arrive:
     a list is full at `window` lines, or ends when no new line came for IDLE_WAIT seconds. A thread
-    reads ahead at most `window` lines, so memory stays flat for any input. Only "\\n" ends a line
+    reads ahead at most `window` lines, so memory stays flat for any number of lines. Only "\\n" ends a line
     (a U+2028 inside a message stays in it); bad UTF-8 is replaced. counts: "messages" and
     "blank" lines seen so far."""
     lines = queue.Queue(maxsize=window)
@@ -189,7 +190,7 @@ def _read_lines(stream, lines):
         for n, raw in enumerate(iter(stream.readline, b""), start=1):
             lines.put((n, raw))
         lines.put(None)
-    except (OSError, ValueError) as e:
+    except BaseException as e:  # whatever stops the reading (a MemoryError too) must reach the main thread
         lines.put(e)
 
 
@@ -214,13 +215,16 @@ def parse_args(argv):
     return args
 
 
+READ_AHEAD = 8  # batches read ahead, and sorted by length, when lines come faster than they are classified
+
+
 def run(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     literal = [str(a) for a in argv[argv.index("--") + 1:]] if "--" in argv else []
     args = parse_args(argv)
     given = args.messages[:len(args.messages) - len(literal)]
     for n, text in enumerate(given + literal, start=1):  # before the model loads
-        if not text.strip() and not (n <= len(given) and text == "-"):
+        if not text.strip():
             raise ValueError(f"message {n} is empty; give some text to classify")
     device = cli.pick_device(args.device)
     precision, _ = cli.choose_precision(args.precision, device)
@@ -228,8 +232,7 @@ def run(argv):
     max_length, labels = meta["max_length"], meta["labels"]
     threshold = meta["threshold"] if args.threshold is None else args.threshold
     counts = {"messages": 0, "blank": 0, "truncated": 0}
-    # Up to READ_AHEAD batches at once when lines come faster than they are classified, sorted by
-    # length inside (less padding); each group's results are printed, in input order, and flushed.
+    # each group's results are printed, in input order, and flushed at once
     groups = message_groups(given, literal, sys.stdin, READ_AHEAD * args.batch_size, counts)
     for group in groups:
         encoded = [tokenizer.encode_ordinary(text) for _, text in group]
@@ -245,9 +248,6 @@ def run(argv):
     if counts["truncated"]:
         print(f"note: {counts['truncated']:,} message(s) longer than {max_length} tokens were truncated to the "
               f"first {max_length}, as in training", file=sys.stderr)
-
-
-READ_AHEAD = 8
 
 
 def result_text(text, line, p_spam, threshold, labels, as_json) -> str:

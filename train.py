@@ -82,7 +82,8 @@ def train_epoch(model, loader, optimizer, device, epoch, args, precision="fp32",
             value = loss.item()
             if not math.isfinite(value):
                 raise ValueError(f"the loss became {value} in epoch {epoch}, batch {batch}; training stopped and "
-                                 "nothing was saved. Try a smaller --lr")
+                                 "the adapter was not saved. Try a smaller --lr (and delete the checkpoint beside "
+                                 "--out, which keeps the last good epoch, to start over)")
             total_loss += value * len(labels)  # batches differ in size: weight by messages
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += len(labels)
@@ -133,7 +134,8 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
         labels, probs, val_loss = spam_probabilities(model, loaders["val"], device, precision)
         if not math.isfinite(val_loss):
             raise ValueError(f"the validation loss became {val_loss} in epoch {epoch}; training stopped and "
-                             "nothing was saved. Try a smaller --lr")
+                             "the adapter was not saved. Try a smaller --lr (and delete the checkpoint beside "
+                             "--out, which keeps the last good epoch, to start over)")
         val_acc = binary_metrics(labels, probs, args.threshold)["accuracy"]
         seconds = time.perf_counter() - start
         history.append({"epoch": epoch, "avg_loss": avg_loss, "train_accuracy": train_acc, "val_loss": val_loss,
@@ -300,17 +302,21 @@ def run(args):
     fingerprint = run_fingerprint(args, loaders, model, precision)
     if resume_from:
         check_checkpoint(resume_from, fingerprint)
+    # which run owns the checkpoint: a second run with the same --out must not write over it
+    fingerprint["run"] = resume_from[0]["fingerprint"]["run"] if resume_from else secrets.token_hex(8)
     history, curve, kept_epoch = fit(model, loaders, args, device, precision, fingerprint, resume_from)
     metrics = evaluate(model, loaders, args, device, precision)
-    save(model, folder, loaders, args, precision, {"history": history, "kept_epoch": kept_epoch, **metrics}, curve)
+    save(model, folder, loaders, args, precision, {"history": history, "kept_epoch": kept_epoch, **metrics}, curve,
+         fingerprint["run"])
 
 
 def build(args, device, resume_from=None):
     """The model, its tokenizer, the data loaders and the precision: everything before training."""
     torch.manual_seed(args.seed)  # LoRA's A and the new head are the only random initialisations
-    precision, why = cli.choose_precision(args.precision, device)
     if resume_from and args.precision == "auto":  # the precision of the run that stopped, not a new probe
         precision, why = resume_from[0]["fingerprint"]["precision"], "as in the run that is resumed"
+    else:
+        precision, why = cli.choose_precision(args.precision, device)
     data_file, folder = cli.fetch_all(lambda: data.data_path(args.data, args.cache_dir),
                                       lambda: gpt2.model_folder(args.model, args.model_dir, args.cache_dir,
                                                                 args.weights_source))
@@ -338,7 +344,8 @@ def build(args, device, resume_from=None):
     print(model.trf_blocks[0])
     lora.build_classifier(model, len(data.LABELS), args.rank, args.alpha, args.lora_dropout, targets=args.targets)
     model.gradient_checkpointing = args.gradient_checkpointing
-    check_out(args, need=4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24)
+    # room for the adapter and the checkpoint: its weights, the kept copy and AdamW's two moments, float32
+    check_out(args, need=5 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 2**24)
     print("\nModel after LoRA:")
     print(model.trf_blocks[0])
     lora.print_trainable_parameters(model, skip=("out_head",))  # the counts before the new head
@@ -348,11 +355,11 @@ def build(args, device, resume_from=None):
     return model, folder, loaders, precision
 
 
-def save(model, folder, loaders, args, precision, metrics, curve):
+def save(model, folder, loaders, args, precision, metrics, curve, run_owner=None):
     """The adapter, its metrics and its curves, all with one run id: each is written in full and
     fsynced first, then the three are renamed into place together (stop signals held back, the
     folder locked against another run), so a full disk or a kill replaces nothing and a reader
-    never finds a new adapter beside another run's metrics. Then the checkpoint goes."""
+    never finds a new adapter beside another run's metrics. Then this run's checkpoint goes."""
     out = Path(args.out)
     run_id = secrets.token_hex(8)
     # the size name predict.py would download if the folder is gone; from the folder's own shape
@@ -366,14 +373,15 @@ def save(model, folder, loaders, args, precision, metrics, curve):
     metrics = {"run_id": run_id, "precision": precision, **metrics,
                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
     files = {out.with_name(out.name + ".metrics.json"): json.dumps(metrics, indent=2) + "\n",
-             out.with_name(out.name + ".curves.svg"): curves_svg(curve, metrics["history"]),
+             out.with_name(out.name + ".curves.svg"): curves_svg(curve, metrics["history"], run_id),
              out: lora.adapter_writer(model, meta, out)}  # only A, B and the head: 10.6 MB for rank 16 on 124M
-    with cli.interrupts_deferred() as interrupted:
+    with cli.interrupts_deferred() as interrupted:  # until the last line about it is printed
         cli.atomic_write_all(files)
-        checkpoint_path(args).unlink(missing_ok=True)  # the run is complete: nothing to resume
-        cli.fsync_folder(out.parent)
-    print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB), metrics to {out}.metrics.json "
-          f"and curves to {out}.curves.svg")
+        if checkpoint_owner(checkpoint_path(args)) == run_owner:  # the run is complete: nothing to resume
+            checkpoint_path(args).unlink(missing_ok=True)
+            cli.fsync_folder(out.parent)
+        print(f"\nSaved the adapter to {out} ({out.stat().st_size / 1e6:.1f} MB), metrics to {out}.metrics.json "
+              f"and curves to {out}.curves.svg", flush=True)
     if interrupted:
         sys.stderr.write("train.py: interrupted just as the adapter was being saved; it was saved\n")
         sys.exit(128 + interrupted[0])
@@ -414,6 +422,10 @@ def _batch_order(loader) -> torch.Generator:
 
 
 def write_checkpoint(args, fingerprint, model, optimizer, loader, progress, kept):
+    path = checkpoint_path(args)
+    if path.exists() and checkpoint_owner(path) != fingerprint["run"]:
+        raise ValueError(f"another train.py run is writing its checkpoint to {path} (the same --out); this run "
+                         "stopped so as not to write over it: give the two runs different --out names")
     tensors = {f"adapter/{k}": v for k, v in lora.adapter_state(model).items()}
     tensors.update({f"kept/{k}": v for k, v in kept.items()})
     for i, state in optimizer.state_dict()["state"].items():
@@ -421,11 +433,11 @@ def write_checkpoint(args, fingerprint, model, optimizer, loader, progress, kept
     tensors["rng/torch"], tensors["rng/batches"] = torch.get_rng_state(), _batch_order(loader).get_state()
     if torch.cuda.is_available():
         tensors.update({f"rng/cuda/{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
-    meta = {"format": CHECKPOINT_FORMAT, "progress": json.dumps(progress),
-            "fingerprint": json.dumps(fingerprint)}
     arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
-    cli.atomic_write(checkpoint_path(args), formats.safetensors_writer(arrays, metadata=meta))
-    print(f"Saved a checkpoint of epoch {progress['epoch']} to {checkpoint_path(args)} (if this run stops, "
+    meta = {"format": CHECKPOINT_FORMAT, "progress": json.dumps(progress), "fingerprint": json.dumps(fingerprint),
+            "sha256": _digest(arrays)}
+    cli.atomic_write(path, formats.safetensors_writer(arrays, metadata=meta))
+    print(f"Saved a checkpoint of epoch {progress['epoch']} to {path} (if this run stops, "
           "continue it: the same command with --resume)", flush=True)
 
 
@@ -445,11 +457,29 @@ def find_checkpoint(args):
         arrays, meta = formats.read_safetensors(path, with_metadata=True)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a checkpoint written by train.py")
+        if meta.get("sha256") != _digest(arrays):
+            raise ValueError("its tensors are not the bytes that were written (sha256 differs)")
         meta = {"progress": json.loads(meta["progress"]), "fingerprint": json.loads(meta["fingerprint"])}
     except (formats.CheckpointError, ValueError, KeyError, RecursionError) as e:
         raise ValueError(f"--resume: {path} is not a readable checkpoint ({str(e)[:100]}); delete it to start "
                          "over") from None
     return meta, {k: torch.from_numpy(np.array(a)) for k, a in arrays.items()}
+
+
+def _digest(arrays) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode() + np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_owner(path: Path):
+    """The run token in a checkpoint's header (cheap: its tensors are not read), or None."""
+    try:
+        meta = formats.read_safetensors_header(path)[1]
+        return json.loads(meta["fingerprint"]).get("run")
+    except (OSError, formats.CheckpointError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def check_checkpoint(checkpoint, fingerprint: dict):
@@ -477,8 +507,9 @@ def restore_checkpoint(checkpoint, model, optimizer, loader):
     optimizer.load_state_dict(state)
     torch.set_rng_state(tensors["rng/torch"])
     _batch_order(loader).set_state(tensors["rng/batches"])
-    if torch.cuda.is_available() and "rng/cuda/0" in tensors:
-        torch.cuda.set_rng_state_all([tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count())])
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        if f"rng/cuda/{i}" in tensors:  # the GPUs both runs can see
+            torch.cuda.set_rng_state(tensors[f"rng/cuda/{i}"], i)
     kept = {k.removeprefix("kept/"): v for k, v in tensors.items() if k.startswith("kept/")}
     progress["curve"] = [tuple(point) for point in progress["curve"]]
     print(f"Resumed a stopped run after its epoch {progress['epoch']}", flush=True)
@@ -522,9 +553,11 @@ def parse_args(argv=None):
                         "batch-size x grad-accum messages in the memory of one batch")
     p.add_argument("--lr", type=float, default=8e-4, help="AdamW learning rate")
     p.add_argument("--lr-schedule", choices=("constant", "linear", "cosine"), default="constant",
-                   help="the learning rate after the warm-up: constant, or decaying to 0 by the last step")
+                   help="the learning rate after the warm-up: constant, or decaying linearly or along a half "
+                        "cosine towards 0 at the end of the run")
     p.add_argument("--warmup-steps", type=int, default=0,
-                   help="optimizer steps over which the learning rate rises linearly from 0 to --lr")
+                   help="optimizer steps over which the learning rate rises linearly to --lr (step k of w uses "
+                        "(k+1)/(w+1) of it)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=None,
                    help="clip the gradients' global norm to this before each step (off by default; "
@@ -591,7 +624,7 @@ def check_args(p, args):
         args.alpha = int(args.alpha)  # 16, not 16.0, in the printout and the adapter file
 
 
-def check_out(args, need=64 * 2**20):
+def check_out(args, need=8 * 2**20):
     """--out must be a new file or an earlier adapter, never one of this run's inputs, in a folder we
     can write on a disk with `need` bytes free: found now, not after the whole training (build checks
     again once the adapter's size is known)."""
@@ -630,6 +663,11 @@ def check_not_an_input(args, out: Path):
     if out.exists() and not lora.is_adapter(out):
         raise ValueError(f"--out {out} is an existing file that is not an adapter made by train.py; choose "
                          "another name (or delete the file first)")
+    for suffix, mark in ((".metrics.json", '"run_id"'), (".curves.svg", 'id="train-loss"')):
+        sidecar = out.with_name(out.name + suffix)  # replaced too: it must be one that train.py wrote
+        if sidecar.exists() and (not sidecar.is_file() or mark not in sidecar.read_text(errors="replace")):
+            raise ValueError(f"--out {out}: {sidecar} exists and was not written by train.py; choose another "
+                             "--out (or delete that file first)")
 
 
 def check_device(args, device):
@@ -644,9 +682,10 @@ def check_device(args, device):
 # ----------------------------------------------------------------------------------------------
 # 5. The curves: a plain SVG, two panels (loss; accuracy) over the epochs
 
-def curves_svg(batch_losses, history, width=880, height=380) -> str:
+def curves_svg(batch_losses, history, run_id="", width=880, height=380) -> str:
     """Training loss per logged batch and validation loss per epoch (left), train and validation
-    accuracy per epoch (right). Each polyline carries its values as JSON in data-values."""
+    accuracy per epoch (right). Each polyline carries its values as JSON in data-values, and the
+    picture the run's id in data-run-id, as the adapter and the metrics do."""
     epochs = max(len(history), 1)
     top_loss = max([y for _, y in batch_losses] + [h["val_loss"] for h in history] + [1e-9]) * 1.05
     # (id, legend, points, colour, dash): training solid blue, validation dashed orange
@@ -658,7 +697,7 @@ def curves_svg(batch_losses, history, width=880, height=380) -> str:
                    "#D55E00", "6 4")]
     panels = [("Loss", "loss", top_loss, loss_series), ("Accuracy", "accuracy (%)", 100, acc_series)]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="13"><rect width="100%" height="100%" fill="white"/>']
+           f'font-size="13" data-run-id="{escape(run_id)}"><rect width="100%" height="100%" fill="white"/>']
     w, h = width / 2 - 90, height - 150  # each plot area; margins hold the axes, title and legend
     for i, (title, ylabel, top, series) in enumerate(panels):
         x0, y0 = i * width / 2 + 65, 55  # the plot area's top-left corner
