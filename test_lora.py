@@ -2437,18 +2437,24 @@ def test_train_refuses_an_out_that_would_destroy_an_input(workdir, out, message,
     assert before == {p: p.read_bytes() for p in before} and (workdir / "notes.txt").read_text() == "my notes\n"
 
 
+def killed_after_epoch_1(command_args) -> int:
+    """Run train.py and SIGKILL it as soon as it has saved the checkpoint of epoch 1; its exit code."""
+    with subprocess.Popen([sys.executable, *map(str, command_args)], stdout=subprocess.PIPE, text=True,
+                          cwd=HERE) as run:
+        for line in run.stdout:
+            if line.startswith("Saved a checkpoint of epoch 1 "):
+                run.kill()  # SIGKILL: no handler runs, nothing is tidied up
+                break
+    return run.returncode
+
+
 def test_train_resumed_after_sigkill_ends_with_the_same_adapter_bit_for_bit(workdir, tmp_path, capsys):
     args = ["--epochs", "4", "--lora-dropout", "0.2", "--keep", "last"]  # dropout: the random state matters too
     reference = run_script(*train_args(workdir, tmp_path / "ref.safetensors", *args))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "a.safetensors"
-    command = [sys.executable, *map(str, train_args(workdir, out, *args))]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as run:
-        for line in run.stdout:
-            if line.startswith("Saved a checkpoint of epoch 1 "):
-                run.kill()  # SIGKILL: no handler runs, nothing is tidied up
-                break
-    assert run.returncode == -signal.SIGKILL and not out.exists()
+    code = killed_after_epoch_1(train_args(workdir, out, *args))
+    assert code == -signal.SIGKILL and not out.exists()
     assert tmp_path.joinpath("a.safetensors.checkpoint").exists()
     code, err = run_main(train.main, train_args(workdir, out, *args)[1:], capsys)  # without --resume: refused
     assert code == 2 and "--resume" in err and tmp_path.joinpath("a.safetensors.checkpoint").exists()
@@ -2469,12 +2475,7 @@ def test_train_resumed_after_sigkill_ends_with_the_same_adapter_bit_for_bit(work
 def test_resume_with_other_arguments_is_refused_naming_the_difference(workdir, tmp_path):
     out, checkpoint = tmp_path / "a.safetensors", tmp_path / "a.safetensors.checkpoint"
     # a checkpoint of epoch 1, as a stopped 3-epoch run leaves it: train 1 epoch of 3 and stop it there
-    command = [sys.executable, *map(str, train_args(workdir, out))]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as run:
-        for line in run.stdout:
-            if line.startswith("Saved a checkpoint of epoch 1 "):
-                run.kill()
-                break
+    assert killed_after_epoch_1(train_args(workdir, out)) == -signal.SIGKILL
     result = run_script(*train_args(workdir, out, "--resume", "--lr", "0.01"))
     assert result.returncode == 2 and one_line(result.stderr), result.stderr
     assert "lr 0.0008 in the checkpoint, 0.01 now" in result.stderr
@@ -2506,12 +2507,7 @@ def test_a_second_run_never_writes_over_the_checkpoint_of_another(tiny_tokenizer
 
 def test_a_damaged_checkpoint_is_refused_not_resumed(workdir, tmp_path, capsys):
     out = tmp_path / "a.safetensors"
-    command = [sys.executable, *map(str, train_args(workdir, out))]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=HERE) as run:
-        for line in run.stdout:
-            if line.startswith("Saved a checkpoint of epoch 1 "):
-                run.kill()
-                break
+    assert killed_after_epoch_1(train_args(workdir, out)) == -signal.SIGKILL
     checkpoint = tmp_path / "a.safetensors.checkpoint"
     raw = bytearray(checkpoint.read_bytes())
     raw[-3] ^= 0x40  # one bit of one tensor's last bytes
