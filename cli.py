@@ -149,10 +149,7 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
             raise  # else: a --help that could not be printed, said below
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-        text = interrupted() if callable(interrupted) else interrupted  # a function: what was left behind
-        _write_stderr(f"\n{prog}: {text.replace('interrupted', 'interrupted' + name, 1)}\n")
-        _quiet_stdout()
+        _say_stopped(prog, signum, interrupted() if callable(interrupted) else interrupted)
         sys.exit(128 + signum)
     except BrokenPipeError:  # e.g. piped into head
         _quiet_stdout()
@@ -165,12 +162,8 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
                        "(no earlier file was replaced)")
         fail(prog, e)
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        torch = sys.modules.get("torch")
-        oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError",
-                                                                    MemoryError)  # torch < 2.4: only cuda's
-        oom = isinstance(e, (MemoryError, oom_type))
-        if not oom and "allocate" not in str(e):
-            raise  # not the CPU allocator's "can't allocate memory": a bug, keep its traceback
+        if not _out_of_memory(e):
+            raise  # a bug: keep its traceback
         fail(prog, f"out of memory ({str(e)[:80]}); {memory_tip}")
     finally:
         sys.stdout = stdout
@@ -179,6 +172,19 @@ def run_cli(main, prog: str, expected=(), interrupted="interrupted",
         _write_stderr(f"{prog}: standard output failed ({error.strerror or error}); what it printed is lost, "
                       "but the command went on to the end (an adapter it trained is saved)\n")
         sys.exit(0 if isinstance(error, BrokenPipeError) else 2)
+
+
+def _say_stopped(prog, signum, text):
+    name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    _write_stderr(f"\n{prog}: {text.replace('interrupted', 'interrupted' + name, 1)}\n")
+    _quiet_stdout()
+
+
+def _out_of_memory(error) -> bool:
+    """torch's OutOfMemoryError (cuda's alone before torch 2.4), or the CPU allocator's "can't allocate"."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return isinstance(error, MemoryError) or (oom is not None and isinstance(error, oom)) or "allocate" in str(error)
 
 
 class _StdoutGuard:

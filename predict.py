@@ -215,7 +215,7 @@ def parse_args(argv):
     return args
 
 
-READ_AHEAD = 8  # batches read ahead, and sorted by length, when lines come faster than they are classified
+READ_AHEAD = 32  # batches read ahead, and sorted by length, when lines come faster than they are classified
 
 
 def run(argv):

@@ -142,11 +142,7 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
                         "val_accuracy": val_acc, "seconds": seconds})
         print(f"Epoch {epoch} Finished | Avg Loss: {avg_loss:.4f} | Acc: {100 * train_acc:.2f}% | "
               f"Val Acc: {100 * val_acc:.2f}% | Time: {seconds:.2f}s", flush=True)
-        if args.keep == "last" or val_loss < progress["best"]:  # a copy of what the adapter file would hold
-            progress["best"], kept = val_loss, {k: v.detach().clone() for k, v in lora.adapter_state(model).items()}
-            for h in history:
-                h.pop("kept", None)
-            history[-1]["kept"] = True
+        kept = keep_if_better(model, args.keep, progress, kept)
         progress["epoch"] = epoch
         if fingerprint is not None:  # train.py's runs; a caller of fit alone gets no checkpoint files
             write_checkpoint(args, fingerprint, model, optimizer, loaders["train"], progress, kept)
@@ -158,6 +154,19 @@ def fit(model, loaders, args, device, precision, fingerprint=None, resume_from=N
         print(f"Stopped early: the validation loss has not improved for {args.patience} epoch(s) (--patience)")
     print(f"Kept the adapter of epoch {kept_epoch} ({'lowest validation loss' if args.keep == 'best' else 'the last'})")
     return history, curve, kept_epoch
+
+
+def keep_if_better(model, keep, progress, kept):
+    """After an epoch: a copy of what the adapter file would hold, if this epoch is the one to keep
+    (--keep best: the lowest validation loss so far; last: every epoch); the history marks it."""
+    history = progress["history"]
+    if keep == "last" or history[-1]["val_loss"] < progress["best"]:
+        progress["best"], kept = history[-1]["val_loss"], {k: v.detach().clone() for k, v in
+                                                          lora.adapter_state(model).items()}
+        for h in history:
+            h.pop("kept", None)
+        history[-1]["kept"] = True
+    return kept
 
 
 def lr_scheduler(optimizer, args, steps: int, done=0):
