@@ -126,7 +126,7 @@ def message_groups(args_texts, literal, stdin, window, counts):
     group = []
     for arg in args_texts:
         if arg != "-":
-            group.append((None, _valid_text(arg)))
+            group.append((None, _from_argv(arg)))
             continue
         if group:
             yield group
@@ -138,12 +138,12 @@ def message_groups(args_texts, literal, stdin, window, counts):
         if not counts["messages"]:
             blank = f" (only {counts['blank']:,} blank line(s))" if counts["blank"] else ""
             raise ValueError(f'no messages were given on stdin ("-"){blank}; pipe in one message per line')
-    group += [(None, _valid_text(text)) for text in literal]
+    group += [(None, _from_argv(text)) for text in literal]
     if group:
         yield group
 
 
-def _valid_text(arg: str) -> str:
+def _from_argv(arg: str) -> str:
     # arguments the OS could not decode arrive as surrogates; make them U+FFFD instead
     return arg.encode("utf-8", "surrogateescape").decode("utf-8", errors="replace")
 

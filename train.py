@@ -42,6 +42,8 @@ import gpt2
 import lora
 
 DEFAULT_OUT = "spam_lora.safetensors"
+# The files beside --out, each with a mark that shows train.py wrote it (an existing one may be replaced)
+SIDECARS = {".metrics.json": '"run_id"', ".curves.svg": 'id="train-loss"'}
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the validation report shows precision and recall
 
 
@@ -380,7 +382,7 @@ def save(model, folder, loaders, args, precision, metrics, curve, run_owner=None
             "labels": list(data.LABELS), "threshold": args.threshold, "precision": precision, "seed": args.seed,
             "kept_epoch": metrics["kept_epoch"], "run_id": run_id}
     metrics = {"run_id": run_id, "precision": precision, **metrics,
-               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
+               "args": args_as_json(args)}
     files = {out.with_name(out.name + ".metrics.json"): json.dumps(metrics, indent=2) + "\n",
              out.with_name(out.name + ".curves.svg"): curves_svg(curve, metrics["history"], run_id),
              out: lora.adapter_writer(model, meta, out)}  # only A, B and the head: 10.6 MB for rank 16 on 124M
@@ -410,6 +412,11 @@ FREE_ARGS = {"log_every", "eval_unused", "device", "resume", "gradient_checkpoin
              "data", "model_dir", "cache_dir", "model", "weights_source", "precision"}
 
 
+def args_as_json(args) -> dict:
+    """The parsed arguments as JSON values (--targets is a tuple)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+
+
 def checkpoint_path(args) -> Path:
     return Path(args.out).with_name(Path(args.out).name + ".checkpoint")
 
@@ -420,7 +427,7 @@ def run_fingerprint(args, loaders, model, precision) -> dict:
     for name in ("train", "val", "test"):
         dataset = loaders[name].dataset
         digest.update(json.dumps([name, dataset.encoded, dataset.labels]).encode())
-    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in FREE_ARGS}
+    values = {k: v for k, v in args_as_json(args).items() if k not in FREE_ARGS}
     return {**values, "precision": precision, "data split": digest.hexdigest()[:32],
             "base weights": model.weights_fingerprint}
 
@@ -663,8 +670,7 @@ def check_not_an_input(args, out: Path):
     model_dir = Path(args.model_dir) if args.model_dir else gpt2.download_folder(args.model, args.cache_dir,
                                                                                    args.weights_source)
     data_file = Path(args.data) / data.SMS_MEMBER if args.data and Path(args.data).is_dir() else args.data
-    for path in (out, *(out.with_name(out.name + suffix) for suffix in (".metrics.json", ".curves.svg",
-                                                                        ".checkpoint"))):
+    for path in (out, *(out.with_name(out.name + suffix) for suffix in (*SIDECARS, ".checkpoint"))):
         if data_file and path.resolve() == Path(data_file).resolve():
             raise ValueError(f"--out {out} would overwrite the training data {data_file}; choose another name")
         if model_dir.resolve() in path.resolve().parents:
@@ -672,7 +678,7 @@ def check_not_an_input(args, out: Path):
     if out.exists() and not lora.is_adapter(out):
         raise ValueError(f"--out {out} is an existing file that is not an adapter made by train.py; choose "
                          "another name (or delete the file first)")
-    for suffix, mark in ((".metrics.json", '"run_id"'), (".curves.svg", 'id="train-loss"')):
+    for suffix, mark in SIDECARS.items():
         sidecar = out.with_name(out.name + suffix)  # replaced too: it must be one that train.py wrote
         if sidecar.exists() and (not sidecar.is_file() or mark not in sidecar.read_text(errors="replace")):
             raise ValueError(f"--out {out}: {sidecar} exists and was not written by train.py; choose another "
